@@ -1,0 +1,82 @@
+"""Image presets. Size, mean, std, interpolation and crop come from the weights' own config (timm's
+``resolve_model_data_config``); nothing here knows 224 or the ImageNet mean.
+
+Dermoscopy frames are 4:3 (600x450): images are scaled to cover the target and centre-cropped, never
+squashed, so any photo a user brings keeps its proportions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.functional import InterpolationMode
+
+from lesionkit.config import AugmentConfig
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a checkpoint must carry so that ``predict`` sees images exactly as training did."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def from_model_config(cls, data_config: dict, image_size: list[int] | None) -> Preprocessing:
+        """Build from timm's resolved data config; the default size keeps the weights' scale at 4:3."""
+        side = data_config["input_size"][-1]
+        height, width = image_size or (side, round(side * 4 / 3))
+        return cls(height, width, tuple(data_config["mean"]), tuple(data_config["std"]),
+                   data_config.get("interpolation", "bicubic"), data_config.get("crop_pct", 1.0))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+
+class ResizeCover(torch.nn.Module):
+    """Scale so the image covers ``(height, width)`` with its aspect ratio kept; the overhang is cropped later."""
+
+    def __init__(self, height: int, width: int, interpolation: InterpolationMode):
+        super().__init__()
+        self.height, self.width, self.interpolation = height, width, interpolation
+
+    def forward(self, image):
+        width, height = v2.functional.get_size(image)[::-1]
+        scale = max(self.height / height, self.width / width)
+        size = [max(self.height, round(height * scale)), max(self.width, round(width * scale))]
+        return v2.functional.resize(image, size, interpolation=self.interpolation, antialias=True)
+
+
+def _tail(pre: Preprocessing) -> list:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+
+
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    """Deterministic: cover ``size / crop_pct``, then centre-crop ``size``, as the weights were evaluated."""
+    interpolation = InterpolationMode(pre.interpolation)
+    cover = ResizeCover(round(pre.height / pre.crop_pct), round(pre.width / pre.crop_pct), interpolation)
+    return v2.Compose([cover, v2.CenterCrop((pre.height, pre.width)), *_tail(pre)])
+
+
+def train_transform(pre: Preprocessing, aug: AugmentConfig) -> v2.Compose:
+    """The study's augmentation: flips, rotation, zoom, brightness and contrast, on the eval framing."""
+    if not aug.enabled:
+        return eval_transform(pre)
+    interpolation = InterpolationMode(pre.interpolation)
+    cover = ResizeCover(round(pre.height / pre.crop_pct), round(pre.width / pre.crop_pct), interpolation)
+    return v2.Compose([
+        cover,
+        v2.RandomHorizontalFlip(aug.hflip),
+        v2.RandomVerticalFlip(aug.vflip),
+        # Rotate and zoom in one resampling; bilinear is plenty for augmentation and cheaper.
+        v2.RandomAffine(degrees=aug.rotation, scale=(1 - aug.zoom, 1 + aug.zoom)),
+        v2.CenterCrop((pre.height, pre.width)),
+        v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
+        *_tail(pre),
+    ])
