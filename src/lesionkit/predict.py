@@ -1,0 +1,90 @@
+"""``lesionkit predict``: class probabilities for a user's own images, of any size or mode.
+
+An unreadable file gets a message on stderr and the exit code 1; every other image still gets its answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lesionkit import LesionkitError
+from lesionkit.data import IMAGE_SUFFIXES, load_image
+from lesionkit.inference import Classifier
+
+
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, and image files anywhere under given folders, in name order."""
+    paths = []
+    for item in inputs:
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise LesionkitError(f"{item} does not exist: give image files or folders")
+    if not paths:
+        raise LesionkitError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, inputs))}")
+    return paths
+
+
+def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 16) -> tuple[list[dict], list[str]]:
+    """One ``{"image", "prediction", "probabilities"}`` record per readable image, and one error per other."""
+    results, errors, pending = [], [], []
+
+    def flush():
+        probabilities = classifier.probabilities(torch.stack([tensor for _, tensor in pending]))
+        for (path, _), row in zip(pending, probabilities.tolist()):
+            scores = dict(zip(classifier.classes, row))
+            results.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
+        pending.clear()
+
+    for path in paths:
+        try:
+            pending.append((path, classifier.transform(load_image(path))))
+        except LesionkitError as err:
+            errors.append(str(err))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return results, errors
+
+
+def write(results: list[dict], classes: list[str], fmt: str, stream) -> None:
+    if fmt == "json":
+        json.dump(results, stream, indent=2)
+        stream.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(stream)
+        writer.writerow(["image", "prediction", *classes])
+        for r in results:
+            writer.writerow([r["image"], r["prediction"], *(f"{r['probabilities'][c]:.6f}" for c in classes)])
+    else:
+        width = max([len("image")] + [len(r["image"]) for r in results])
+        stream.write(f"{'image':<{width}}  {'prediction':<10}  " + "  ".join(f"{c:>6}" for c in classes) + "\n")
+        for r in results:
+            stream.write(f"{r['image']:<{width}}  {r['prediction']:<10}  "
+                         + "  ".join(f"{r['probabilities'][c]:6.3f}" for c in classes) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    classifier = Classifier.load(args.checkpoint, args.device)
+    results, errors = predict_paths(classifier, collect_images(args.images), args.batch_size)
+    write(results, classifier.classes, args.format, sys.stdout)
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
