@@ -119,7 +119,8 @@ class PhaseConfig:
     """Peak learning rate (AdamW)."""
     unfreeze: int = 0
     """How many of the backbone's top layer groups train besides the classifier; -1 trains everything.
-    Groups are timm's coarse ones: for EfficientNet the head convolution, then one block stage each."""
+    Groups are timm's coarse ones: for EfficientNet, one block stage each, the last one together with the
+    head convolution; so 1 is the study's "top 30 layers" and 3 the top three stages."""
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     """Learning-rate schedule over the phase, stepped per batch: ``cosine``, ``onecycle`` or ``constant``."""
@@ -145,11 +146,11 @@ class PhaseConfig:
 
 
 def default_phases() -> list[PhaseConfig]:
-    # The study's recipe: train the new head on a frozen backbone, then unfreeze the top (the head
-    # convolution and the last block stage, close to Keras' "top 30 layers") at a very low rate.
+    # The study's recipe: train the new head on a frozen backbone, then unfreeze the top (the last block
+    # stage and the head convolution, close to Keras' "top 30 layers") at a very low rate.
     return [
         PhaseConfig(name="head", epochs=5, lr=1e-3, unfreeze=0, patience=3),
-        PhaseConfig(name="finetune", epochs=15, lr=1e-4, unfreeze=2, warmup_epochs=1, patience=5),
+        PhaseConfig(name="finetune", epochs=15, lr=1e-4, unfreeze=1, warmup_epochs=1, patience=5),
     ]
 
 

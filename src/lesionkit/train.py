@@ -8,6 +8,8 @@ over all phases; ``last`` is where ``--resume`` picks up.
 from __future__ import annotations
 
 import csv
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -108,13 +110,17 @@ def prepare_data(config: Config, out: Path, resume: bool) -> tuple[pd.DataFrame,
 
 def train(config: Config, out: Path, resume: bool = False) -> dict:
     """Run every phase, then write the validation report of the best checkpoint. Returns that report."""
+    # Both are expected here: frozen BatchNorms sit in eval mode on purpose, and phases share one folder.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     prepare_out_dir(out, resume)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     split, skipped = prepare_data(config, out, resume)
     if not resume:
         save_config(config, out / "config.yaml")
 
-    model = create_model(config.model, len(CLASSES))
+    # A resumed run overwrites every weight from its checkpoint: no need to fetch the pretrained ones again.
+    model = create_model(replace(config.model, weights="none") if resume else config.model, len(CLASSES))
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), config.data.image_size)
     parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
     weights = class_weights(np.array([CLASSES.index(d) for d in parts["train"]["dx"]]), config.train.class_weights)
@@ -146,14 +152,16 @@ def train(config: Config, out: Path, resume: bool = False) -> dict:
         callbacks = [best, EpochTable(out / "metrics.csv"), LearningRateMonitor("epoch")]
         if phase.patience:
             callbacks.append(EarlyStopping(MONITOR, mode="max", patience=phase.patience))
+        resumed = resume and index == start
+        version = f"{phase.name}-resumed" if resumed else phase.name  # keep the interrupted phase's logs
         trainer = L.Trainer(
             max_epochs=phase.epochs, accelerator=config.train.accelerator, devices=config.train.devices,
             num_nodes=config.train.num_nodes, strategy=config.train.strategy,
             precision=resolve_precision(config.train), callbacks=callbacks, default_root_dir=out,
-            logger=[CSVLogger(out / "logs", name="csv", version=phase.name),
-                    TensorBoardLogger(out / "logs", name="tensorboard", version=phase.name)],
-            log_every_n_steps=10, num_sanity_val_steps=0, deterministic=False)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=last if resume and index == start else None)
+            logger=[CSVLogger(out / "logs", name="csv", version=version),
+                    TensorBoardLogger(out / "logs", name="tensorboard", version=version)],
+            log_every_n_steps=min(10, len(train_loader)), num_sanity_val_steps=0)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=last if resumed else None)
 
     if not trainer.is_global_zero:  # with several GPUs, one process writes the report
         return {}

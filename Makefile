@@ -1,0 +1,27 @@
+# From a fresh clone: `make test` installs everything into .venv and runs the suite;
+# `make reference DATA=...` installs, fetches HAM10000 if absent, and trains the reference recipe.
+PYTHON ?= python3
+VENV ?= .venv
+DATA ?= data/ham10000
+CONFIG ?= configs/b1.yaml
+RUN ?= runs/reference
+TRAIN_FLAGS ?=
+
+.PHONY: install test data reference
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+data: install
+	test -f $(DATA)/HAM10000_metadata.csv || $(VENV)/bin/lesionkit download --to $(DATA)
+
+reference: data
+	$(VENV)/bin/lesionkit train --config $(CONFIG) --data-dir $(DATA) --out $(RUN) $(TRAIN_FLAGS)

@@ -1,0 +1,154 @@
+"""The real commands end to end on CPU: train -> evaluate -> predict, and their errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import FULLRES, REPO, make_ham_folder, write_image
+from lesionkit import CLASSES
+from lesionkit.cli import main
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def train(data: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--config", SMOKE, "--data-dir", str(data), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    data = make_ham_folder(root / "ham", lesions_per_class=4)
+    assert train(data, root / "run", "--set", "split.test_fraction=0.25") == 0
+    return data, root / "run"
+
+
+def check_run_folder(run: Path) -> dict:
+    for name in ("config.yaml", "split.csv", "metrics.csv", "report.json", "report.md",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    split = pd.read_csv(run / "split.csv")
+    assert list(split.columns) == ["image_id", "lesion_id", "dx", "split"]
+    assert (split.groupby("lesion_id")["split"].nunique() == 1).all(), "a lesion crosses parts"
+    epochs = pd.read_csv(run / "metrics.csv")
+    assert list(epochs["phase"]) == ["head", "finetune"]
+    assert {"train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy"} <= set(epochs.columns)
+    report = json.loads((run / "report.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "per_class", "confusion_matrix"):
+        assert key in report
+    assert list(report["per_class"]) == list(CLASSES)
+    assert set(report["per_class"]["mel"]) == {"precision", "recall", "f1", "auc", "support"}
+    assert report["confusion_matrix"]["classes"] == list(CLASSES)
+    assert report["n_images"] == (split["split"] == "val").sum()
+    # The best checkpoint's validation balanced accuracy is the best epoch's.
+    assert report["balanced_accuracy"] == pytest.approx(epochs["val_balanced_accuracy"].max(), abs=1e-4)
+    return report
+
+
+def test_synthetic_run_writes_the_contract(synthetic_run):
+    _, run = synthetic_run
+    check_run_folder(run)
+    assert (run / "test" / "report.json").is_file()
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    meta = checkpoint["hyper_parameters"]
+    assert meta["model_name"] == "tf_efficientnet_lite1" and meta["classes"] == list(CLASSES)
+    assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and meta["preprocessing"]["height"] == 96
+
+
+def test_evaluate_on_a_split_part(synthetic_run, tmp_path, capsys):
+    data, run = synthetic_run
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--data-dir", str(data),
+                 "--split-file", str(run / "split.csv"), "--split", "test", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    same = json.loads((run / "test" / "report.json").read_text())
+    assert report["balanced_accuracy"] == pytest.approx(same["balanced_accuracy"])
+    assert "balanced accuracy" in capsys.readouterr().out
+    assert len(pd.read_csv(out / "predictions.csv")) == report["n_images"]
+
+
+def test_predict_any_image_and_report_the_unreadable(synthetic_run, tmp_path, capsys):
+    _, run = synthetic_run
+    images = tmp_path / "mine"
+    write_image(images / "big.jpg", 1, size=(600, 450))
+    write_image(images / "alpha.png", 2, size=(90, 70), mode="RGBA")
+    write_image(images / "gray.jpg", 3, size=(120, 300), mode="L")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    code = main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "json", str(images)])
+    captured = capsys.readouterr()
+    assert code == 1 and "broken.jpg" in captured.err
+    results = json.loads(captured.out)
+    assert sorted(Path(r["image"]).name for r in results) == ["alpha.png", "big.jpg", "gray.jpg"]
+    for r in results:
+        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert r["prediction"] == max(r["probabilities"], key=r["probabilities"].get)
+
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "csv",
+                 str(images / "big.jpg")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "image,prediction," + ",".join(CLASSES) and len(lines) == 2
+
+
+def test_resume_continues_a_run_and_a_finished_folder_is_not_overwritten(synthetic_run, capsys):
+    data, run = synthetic_run
+    assert train(data, run) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    before = pd.read_csv(run / "metrics.csv")
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert pd.read_csv(run / "metrics.csv").iloc[: len(before)].equals(before)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", SMOKE, "--out", "{tmp}/r", "--data-dir", "{tmp}/none"], "does not exist: check --data-dir"),
+    (["train", "--config", SMOKE, "--out", "{tmp}/r"], "pass --data-dir"),
+    (["train", "--config", SMOKE, "--out", "{tmp}/r", "--data-dir", "{tmp}", "--set", "train.epochs=3"],
+     "unknown setting train.epochs"),
+    (["train", "--out", "{tmp}/r", "--resume"], "nothing to resume"),
+    (["predict", "--checkpoint", "{tmp}/none.ckpt", "{tmp}"], "does not exist: check --checkpoint"),
+    (["predict", "--checkpoint", "{tmp}/fake.ckpt", "{tmp}"], "cannot load checkpoint"),
+    (["evaluate", "--checkpoint", "{tmp}/fake.ckpt", "--data-dir", "{tmp}/none"], "does not exist"),
+])
+def test_errors_say_what_to_change(tmp_path, capsys, argv, message):
+    (tmp_path / "fake.ckpt").write_bytes(b"garbage")
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_console_script_help():
+    for args in ([], ["train"], ["evaluate"], ["predict"], ["data", "check"], ["download"]):
+        result = subprocess.run([sys.executable, "-m", "lesionkit.cli", *args, "--help"], capture_output=True,
+                                text=True)
+        assert result.returncode == 0 and "usage: lesionkit" in result.stdout
+
+
+# The real shared copy: two images are deliberately absent.
+
+def test_data_check_on_the_real_copy_names_the_absent_images(real_data, capsys):
+    assert main(["data", "check", "--data-dir", str(real_data)]) == 1
+    out = capsys.readouterr().out
+    assert "ISIC_0029861" in out and "ISIC_0029938" in out and "6705" in out
+
+
+def test_real_smoke_run_refuses_then_trains_and_predicts_a_fullres_original(real_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(real_data, run) == 1
+    err = capsys.readouterr().err
+    assert "2 listed image(s)" in err and "--allow-missing" in err and "ISIC_0029861" in err
+
+    assert train(real_data, run, "--allow-missing") == 0
+    report = check_run_folder(run)
+    assert set(pd.read_csv(run / "skipped.csv")["image_id"]) == {"ISIC_0029861", "ISIC_0029938"}
+    assert report["skipped_images"] == ["ISIC_0029861", "ISIC_0029938"]
+    capsys.readouterr()
+
+    original = sorted((FULLRES / "HAM10000_images_part_1").glob("*.jpg"))[0]
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "json",
+                 str(original)]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert len(result["probabilities"]) == 7 and sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-5)

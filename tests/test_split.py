@@ -1,0 +1,56 @@
+import pandas as pd
+import pytest
+
+from lesionkit import LesionkitError
+from lesionkit.data import load_dataset, read_metadata
+from lesionkit.split import make_split, read_split, save_split
+
+
+def parts_per_lesion(split):
+    return split.groupby("lesion_id")["split"].nunique()
+
+
+def test_split_keeps_lesions_whole_and_is_seeded(ham_folder):
+    frame = load_dataset(ham_folder, decode=False).frame
+    split = make_split(frame, 0.2, 0.2, seed=3)
+    assert (parts_per_lesion(split) == 1).all()
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert split.equals(make_split(frame, 0.2, 0.2, seed=3))
+    assert not split.equals(make_split(frame, 0.2, 0.2, seed=4))
+
+
+def test_real_split_is_grouped_and_stratified(real_data):
+    frame = read_metadata(real_data / "HAM10000_metadata.csv")
+    split = make_split(frame, 0.2, 0.0, seed=42)
+    assert (parts_per_lesion(split) == 1).all()
+    share = (split["split"] == "val").mean()
+    assert 0.18 < share < 0.22
+    # Each class keeps close to the whole set's share in validation.
+    whole = frame["dx"].value_counts(normalize=True)
+    val = split.loc[split["split"] == "val", "dx"].value_counts(normalize=True)
+    assert (abs(whole - val) < 0.02).all()
+
+
+def test_saved_split_round_trips_and_is_checked(tmp_path, ham_folder):
+    frame = load_dataset(ham_folder, decode=False).frame
+    split = make_split(frame, 0.25, 0.0, seed=1)
+    path = tmp_path / "split.csv"
+    save_split(split, path)
+    assert read_split(path, frame)["split"].tolist() == split["split"].tolist()
+
+    leaking = split.copy()
+    lesion = leaking["lesion_id"].iloc[0]
+    leaking.loc[leaking["lesion_id"] == lesion, "split"] = ["train", "val"]
+    leaking.to_csv(path, index=False)
+    with pytest.raises(LesionkitError, match=f"puts lesion.*{lesion}.*more than one part"):
+        read_split(path, frame)
+
+    foreign = pd.concat([split, pd.DataFrame([{"image_id": "ISIC_9", "lesion_id": "X", "dx": "nv", "split": "val"}])])
+    foreign.to_csv(path, index=False)
+    with pytest.raises(LesionkitError, match="lists 1 image.*ISIC_9"):
+        read_split(path, frame)
+
+    relabelled = split.assign(dx="nv")
+    relabelled.to_csv(path, index=False)
+    with pytest.raises(LesionkitError, match="disagrees with the metadata"):
+        read_split(path, frame)

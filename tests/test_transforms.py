@@ -1,0 +1,36 @@
+import torch
+from PIL import Image
+
+from lesionkit.config import AugmentConfig
+from lesionkit.transforms import Preprocessing, eval_transform, train_transform
+
+PRE = Preprocessing(180, 240, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.9)
+
+
+def test_eval_is_deterministic_and_keeps_the_frame():
+    image = Image.new("RGB", (600, 450), (200, 100, 50))
+    a, b = eval_transform(PRE)(image), eval_transform(PRE)(image)
+    assert a.shape == (3, 180, 240) and torch.equal(a, b)
+    # mean = std = 0.5 maps 200/255 to 2 * 0.784 - 1.
+    assert torch.allclose(a[0], torch.full_like(a[0], 2 * 200 / 255 - 1), atol=1e-3)
+
+
+def test_any_shape_is_covered_not_squashed():
+    # A circle in a portrait photo stays a circle: the width is scaled as much as the height.
+    image = Image.new("RGB", (300, 500), "black")
+    image.paste((255, 255, 255), (100, 200, 200, 300))
+    out = eval_transform(PRE)(image)
+    assert out.shape == (3, 180, 240)
+    bright = (out[0] > 0).nonzero()
+    height = bright[:, 0].max() - bright[:, 0].min()
+    width = bright[:, 1].max() - bright[:, 1].min()
+    assert abs(int(height) - int(width)) <= 2
+
+
+def test_train_transform_augments_with_the_same_shape():
+    image = Image.effect_noise((200, 150), 50).convert("RGB")
+    transform = train_transform(PRE, AugmentConfig())
+    outs = [transform(image) for _ in range(3)]
+    assert all(o.shape == (3, 180, 240) for o in outs)
+    assert not torch.equal(outs[0], outs[1])
+    assert torch.equal(train_transform(PRE, AugmentConfig(enabled=False))(image), eval_transform(PRE)(image))
