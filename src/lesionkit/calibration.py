@@ -1,0 +1,95 @@
+"""Temperature scaling: one number T that divides the logits so that probabilities mean what they say.
+
+Fine-tuned networks are over-confident (Guo et al. 2017); dividing the logits by a T > 1 fitted on the
+validation part (never the test part) fixes most of it without changing any prediction, since argmax is
+unchanged. T lives beside the checkpoint in ``temperature.json``, keyed by checkpoint file name and its
+SHA-256, so that a retrained or resumed ``best.ckpt`` does not inherit a stale T.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+
+from lesionkit import LesionkitError
+
+FILE_NAME = "temperature.json"
+# T between e^-3 and e^3 (0.05..20): beyond that the model is broken, not miscalibrated.
+LOG_T_BOUNDS = (-3.0, 3.0)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
+    scaled = torch.from_numpy(logits).double() / temperature
+    return float(torch.nn.functional.cross_entropy(scaled, torch.from_numpy(labels)))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T that minimises validation NLL (a 1-D convex problem in log T: bounded Brent search)."""
+    if len(labels) < 2:
+        raise LesionkitError("fitting a temperature needs labelled validation images; the part is empty")
+    result = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=LOG_T_BOUNDS,
+                             method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return torch.from_numpy(logits).double().div(temperature).softmax(dim=-1).numpy()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_temperature(checkpoint: Path, temperature: float, details: dict) -> Path:
+    """Record T for ``checkpoint`` in ``temperature.json`` beside it (other checkpoints' entries are kept)."""
+    path = checkpoint.parent / FILE_NAME
+    entries = json.loads(path.read_text()) if path.is_file() else {}
+    entries[checkpoint.name] = {"temperature": temperature, "sha256": _sha256(checkpoint), **details}
+    path.write_text(json.dumps(entries, indent=2))
+    return path
+
+
+def load_temperature(checkpoint: Path) -> tuple[float | None, str | None]:
+    """T fitted for exactly this checkpoint file, and where it came from; ``(None, None)`` when there is none."""
+    path = checkpoint.parent / FILE_NAME
+    if not path.is_file():
+        return None, None
+    try:
+        entry = json.loads(path.read_text()).get(checkpoint.name)
+    except (json.JSONDecodeError, AttributeError):
+        print(f"warning: {path} is not a temperature file; probabilities are left uncalibrated", file=sys.stderr)
+        return None, None
+    if entry is None:
+        return None, None
+    if entry.get("sha256") != _sha256(checkpoint):
+        print(f"warning: {path} was fitted for an earlier {checkpoint.name}; probabilities are left uncalibrated. "
+              f"Refit with `lesionkit evaluate --checkpoint {checkpoint} --split-file RUN/split.csv --split val "
+              f"--fit-temperature ...`", file=sys.stderr)
+        return None, None
+    return float(entry["temperature"]), f"{path} ({entry.get('fitted_on', 'unknown data')})"
+
+
+def reliability_bins(labels: np.ndarray, probabilities: np.ndarray, n_bins: int) -> dict:
+    """Top-label confidence and accuracy per equal-width confidence bin (the reliability diagram's bars)."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
+    # Right-closed bins (0, 1/n], ..., as torchmetrics bins them for its ECE.
+    index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore"):
+        mean_confidence = np.bincount(index, confidence, n_bins) / count
+        accuracy = np.bincount(index, correct, n_bins) / count
+    # Empty bins have no mean: None in JSON, not NaN (which strict JSON readers refuse).
+    return {"edges": np.linspace(0, 1, n_bins + 1).tolist(), "count": count.tolist(),
+            "confidence": [None if np.isnan(v) else float(v) for v in mean_confidence],
+            "accuracy": [None if np.isnan(v) else float(v) for v in accuracy]}
