@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Speed check on a lent GPU machine: the benchmark table, then one full reference run with its wall time.
+#
+# Here, once:   .venv/bin/python scripts/pack_device_data.py     (fills the git-ignored .device-data/, ~61 MiB)
+# There:        the device tool's run with command "bash scripts/gpu_check.sh", carry [".device-data"],
+#               timeout_s 600. Results (8 small files) land in $OUT.
+#
+# The GPU image brings torch 2.11, timm, lightning, torchmetrics, onnxruntime, pandas and scikit-learn and
+# reaches no network: lesionkit installs without dependencies, and the Lite1 weights come as a file.
+set -euo pipefail
+OUT=${OUT:-gpu-check-out}
+DATA=${DATA:-.device-data/ham10000}
+WEIGHTS=${WEIGHTS:-.device-data/lite1.safetensors}
+RUN=${RUN:-/tmp/lesionkit-reference}
+BENCH_FLAGS=${BENCH_FLAGS:-}   # e.g. "--quick" to try the script out
+TRAIN_FLAGS=${TRAIN_FLAGS:-}   # e.g. "--set data.per_class_limit=5"
+mkdir -p "$OUT"
+
+# No build isolation: it would fetch setuptools from the network. The source tree works as a fallback.
+python -m pip install --quiet --no-deps --no-build-isolation -e . || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+python - <<'PY' | tee "$OUT/environment.txt"
+import importlib.util, os, torch
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU", "|", os.cpu_count(), "CPU cores")
+wanted = ("timm", "lightning", "torchmetrics", "sklearn", "scipy", "pandas", "PIL", "yaml", "tqdm", "safetensors",
+          "matplotlib", "markdown", "onnx", "onnxruntime")
+print("missing modules:", [m for m in wanted if importlib.util.find_spec(m) is None] or "none")
+PY
+
+# The benchmark on generated 600x450 JPEGs (the originals' size); onnx figures are skipped without the onnx package.
+python -m lesionkit.cli benchmark $BENCH_FLAGS --out "$OUT/benchmark.json" | tee "$OUT/benchmark.txt"
+
+rm -rf "$RUN"
+start=$(date +%s)
+status=0
+python -m lesionkit.cli train --config configs/lite1-offline.yaml --data-dir "$DATA" --out "$RUN" --allow-missing \
+    --weights "$WEIGHTS" $TRAIN_FLAGS 2>&1 | tr '\r' '\n' | grep -v 'it/s' | tee "$OUT/train.log" || status=$?
+end=$(date +%s)
+echo "full reference run (configs/lite1-offline.yaml $TRAIN_FLAGS, $DATA): exit $status, wall time $((end - start)) s" \
+    | tee -a "$OUT/benchmark.txt"
+cp "$RUN/metrics.csv" "$RUN/report.json" "$RUN/report.md" "$OUT/" 2>/dev/null || true

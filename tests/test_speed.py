@@ -1,0 +1,206 @@
+"""Speed without changing results: the image cache, cheap frozen phases, stored features, ONNX export,
+DDP on two CPU processes, and the benchmark command. Timings are never asserted, only what they rest on."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import FULLRES, REPO, make_ham_folder, write_image
+from lesionkit import LesionkitError
+from lesionkit.cache import build_cache, cover_size
+from lesionkit.config import ModelConfig, load_config
+from lesionkit.features import head_logits
+from lesionkit.loader import ImageDataset
+from lesionkit.model import create_model, freeze_batchnorm_stats, set_trainable
+from lesionkit.transforms import Preprocessing, eval_transform, train_transform
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+# Single-threaded subprocesses: two cores shared with other work make OpenMP threads spin against each other.
+QUIET_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def frame_of(paths: list[Path]) -> pd.DataFrame:
+    return pd.DataFrame({"image_id": [p.stem for p in paths], "path": [str(p) for p in paths], "dx": "nv"})
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> pd.DataFrame:
+    """Dermoscope-sized 600x450 JPEGs, and one portrait and one PNG that are not 4:3."""
+    root = tmp_path_factory.mktemp("originals")
+    paths = [write_image(root / f"IMG_{i}.jpg", i, size=(600, 450)) for i in range(6)]
+    paths += [write_image(root / "portrait.jpg", 7, size=(300, 500)), write_image(root / "wide.png", 8, (500, 200))]
+    return frame_of(paths)
+
+
+def pixels(dataset: ImageDataset) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def test_cache_gives_the_uncached_pixels(originals, tmp_path):
+    # At 240x320 with crop_pct 0.875 nothing can be drafted from 600x450: the cached path is bit-identical.
+    pre = Preprocessing(240, 320, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
+    cache = build_cache(originals, pre, tmp_path)
+    assert cache.array.shape == (len(originals), *cover_size(pre), 3) and cache.array.dtype == "uint8"
+    plain = ImageDataset.from_frame(originals, eval_transform(pre))
+    cached = ImageDataset.from_frame(originals, eval_transform(pre), cache)
+    # Off-4:3 images are stored cut to the cover box where the final centre crop will look: identical too.
+    assert torch.equal(pixels(plain), pixels(cached))
+    # Training reads the cache through the same augmentation.
+    augmented = pixels(ImageDataset.from_frame(originals, train_transform(pre, load_config().augment), cache))
+    assert augmented.shape == (len(originals), 3, 240, 320) and not torch.equal(augmented, pixels(cached))
+
+
+def test_reduced_scale_decoding_stays_within_jpeg_noise(tmp_path):
+    """At 96x128 a 600x450 original decodes at 1/2 scale (PIL's draft): other DCT scaling, same picture."""
+    if not FULLRES.is_dir():
+        pytest.skip(f"full-resolution sample not found at {FULLRES}")
+    originals = frame_of(sorted((FULLRES / "HAM10000_images_part_1").glob("*.jpg"))[:40])
+    small = Preprocessing(96, 128, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
+    plain = pixels(ImageDataset.from_frame(originals, eval_transform(small)))
+    cached = pixels(ImageDataset.from_frame(originals, eval_transform(small), build_cache(originals, small, tmp_path)))
+    levels = (plain - cached).abs() * 0.5 * 255  # std 0.5: back to 8-bit levels
+    assert 0 < levels.mean() < 1 and levels.max() < 24  # measured: 0.29 on average, 9 at most
+
+
+def test_cache_is_reused_and_rebuilt_when_data_or_size_change(originals, tmp_path):
+    pre = Preprocessing(64, 88, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
+    first = build_cache(originals, pre, tmp_path)
+    assert build_cache(originals, pre, tmp_path).path == first.path and len(list(tmp_path.glob("*.npy"))) == 1
+    write_image(Path(originals["path"][0]), 99, size=(600, 450))  # the same file, new content
+    os.utime(originals["path"][0], ns=(0, 10**18))
+    changed = build_cache(originals, pre, tmp_path)
+    assert changed.path != first.path
+    assert build_cache(originals, Preprocessing(72, 96, (0.5,) * 3, (0.5,) * 3), tmp_path).path not in (
+        first.path, changed.path)
+    assert not list(tmp_path.glob("*.tmp.*")), "no temporary file is left behind"
+    # A cache folder that cannot be made names the setting to change.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LesionkitError, match="data.cache_dir"):
+        build_cache(originals, pre, tmp_path / "file" / "cache")
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1])
+def test_frozen_layers_give_the_naive_result_with_less_work(unfreeze):
+    """requires_grad=False below the trained layers vs the common way (optimizer restricted, autograd
+    everywhere): the same loss on the first seeded batch and the same trained parameters after a step."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    results = []
+    for naive in (False, True):
+        torch.manual_seed(1)  # the same initial weights for both
+        model = create_model(ModelConfig(name="efficientnet_b0", weights="none"), 7)
+        trainable = set_trainable(model, unfreeze)
+        if naive:
+            for p in model.parameters():
+                p.requires_grad = True
+        model.train()
+        freeze_batchnorm_stats(model, everywhere=True)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        with_grad = sum(p.grad is not None for p in model.parameters())
+        results.append((loss.item(), [p.detach().clone() for p in trainable], with_grad))
+    (fast_loss, fast_params, fast_grads), (naive_loss, naive_params, naive_grads) = results
+    assert fast_loss == pytest.approx(naive_loss, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_params, naive_params))
+    assert fast_grads == len(fast_params) < naive_grads  # gradients only where something trains
+
+
+def test_stored_features_give_the_full_forward():
+    model = create_model(ModelConfig(name="efficientnet_b0", weights="none", dropout=0.3), 7).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+        assert torch.allclose(head_logits(model, features), model(images), atol=1e-5)
+
+
+def test_cache_features_is_refused_where_images_change():
+    with pytest.raises(LesionkitError, match="augment.enabled=false"):
+        load_config(SMOKE, ["train.phases.0.cache_features=true"])
+    with pytest.raises(LesionkitError, match="unfreeze: 0"):
+        load_config(SMOKE, ["train.phases.1.cache_features=true", "augment.enabled=false"])
+    assert load_config(SMOKE, ["train.phases.0.cache_features=true", "augment.enabled=false"])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The smoke recipe on two CPU processes (gloo), the head phase on stored features."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_ham_folder(root / "ham", lesions_per_class=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "lesionkit.cli", "train", "--config", SMOKE, "--data-dir", str(data), "--out",
+         str(root / "run"), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+         "--set", "train.phases.0.cache_features=true", "--set", "augment.enabled=false"],
+        capture_output=True, text=True, env=QUIET_ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run", result
+
+
+def test_ddp_on_two_processes_writes_one_consistent_run(ddp_run):
+    run, result = ddp_run
+    assert "GLOBAL_RANK: 1" in result.stderr + result.stdout or "MEMBER: 2/2" in result.stderr + result.stdout
+    epochs = pd.read_csv(run / "metrics.csv")
+    assert list(epochs["phase"]) == ["head", "finetune"]  # one row per epoch, not one per rank
+    split = pd.read_csv(run / "split.csv")
+    assert (split.groupby("lesion_id")["split"].nunique() == 1).all()
+    report = json.loads((run / "report.json").read_text())
+    assert report["n_images"] == (split["split"] == "val").sum()
+    # Validation metrics synchronised over both ranks are those of the whole validation part.
+    assert report["balanced_accuracy"] == pytest.approx(epochs["val_balanced_accuracy"].max(), abs=1e-4)
+
+
+def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsys):
+    from lesionkit.cli import main
+
+    run, _ = ddp_run
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    images = sorted((FULLRES / "HAM10000_images_part_1").glob("*.jpg"))[:8] if FULLRES.is_dir() else [
+        write_image(tmp_path / f"x{i}.jpg", i, size=(600, 450)) for i in range(4)]
+    assert main(["export", "--checkpoint", str(checkpoint), "--check", *map(str, images)]) == 0
+    out = capsys.readouterr().out
+    difference = float(out.split("difference on")[1].split(":")[1])
+    assert difference <= 1e-4
+    assert (run / "checkpoints" / "best.onnx").is_file()
+
+    answers = {}
+    for backend in ("torch", "onnx"):
+        assert main(["predict", "--checkpoint", str(checkpoint), "--backend", backend, "--format", "json",
+                     *map(str, images)]) == 0
+        answers[backend] = json.loads(capsys.readouterr().out)
+    for a, b in zip(answers["torch"], answers["onnx"]):
+        assert a["image"] == b["image"] and a["prediction"] == b["prediction"]
+        assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4
+
+
+def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "lesionkit.cli", "benchmark", "--quick", "--json", "--model",
+                             "mobilenetv3_small_050", "--out", str(out)], capture_output=True, text=True,
+                            env=QUIET_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert figures == json.loads(out.read_text())
+    assert figures["cache"]["ratio"] > 0 and figures["onnx"]["ratio"] > 0
+    for phase in ("frozen", "finetune"):
+        assert {"images_per_s", "naive_images_per_s", "ratio"} <= set(figures["training"][phase])
+    assert 0 <= figures["loader"]["wait_share"] <= 1
+    assert figures["onnx"]["max_abs_difference"] <= 1e-4
+    assert figures["evaluation"]["images_per_s"] > 0 and figures["memory"]["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("command", ["export", "benchmark"])
+def test_new_commands_are_registered(command, capsys):
+    from lesionkit.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0 and f"usage: lesionkit {command}" in capsys.readouterr().out
+    args = build_parser().parse_args(["train", "--out", "r", "--num-nodes", "2", "--strategy", "ddp"])
+    assert (args.num_nodes, args.strategy) == (2, "ddp")
