@@ -53,3 +53,9 @@ def real_data() -> Path:
     if not (REAL_DATA / "HAM10000_metadata.csv").is_file():
         pytest.skip(f"real HAM10000 copy not found at {REAL_DATA} (set LESIONKIT_DATA)")
     return REAL_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def image_cache_in_tmp(tmp_path_factory):
+    """Image caches (lesionkit.cache) go to a temporary folder, not the user's ~/.cache; subprocesses inherit it."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))

@@ -5,6 +5,7 @@ registered once in ``COMMANDS``. User errors print one clear message and exit 1,
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="train.seed")
     parser.add_argument("--accelerator", help="cpu, gpu or auto (train.accelerator)")
     parser.add_argument("--devices", help="device count or list, e.g. 2 or 0,1 (train.devices)")
+    parser.add_argument("--num-nodes", type=int, help="machines taking part, each with --devices (train.num_nodes)")
+    parser.add_argument("--strategy", help="Lightning strategy, e.g. ddp (train.strategy; auto picks ddp for "
+                                           "several devices)")
     parser.add_argument("--precision", help="e.g. 32-true, bf16-mixed (train.precision)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting, e.g. --set train.phases.1.epochs=3 --set data.batch_size=64")
@@ -32,7 +36,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 # Explicit flags are shorthands for config keys; --set reaches every other one.
 _FLAG_KEYS = {"data_dir": "data.data_dir", "split_file": "split.split_file", "allow_missing": "data.allow_missing",
               "model": "model.name", "weights": "model.weights", "seed": "train.seed",
-              "accelerator": "train.accelerator", "devices": "train.devices", "precision": "train.precision"}
+              "accelerator": "train.accelerator", "devices": "train.devices", "precision": "train.precision",
+              "num_nodes": "train.num_nodes", "strategy": "train.strategy"}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -50,7 +55,13 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(config_path, overrides)
     if config.data.data_dir is None:
         raise LesionkitError("no data folder: pass --data-dir (or set data.data_dir in the config)")
-    report = train(config, args.out, resume=args.resume)
+    try:
+        report = train(config, args.out, resume=args.resume)
+    except KeyboardInterrupt:
+        last = args.out / "checkpoints" / "last.ckpt"
+        where = f"{last} holds the last finished epoch" if last.is_file() else "no epoch had finished"
+        print(f"\ninterrupted: {where}. Continue with: lesionkit train --out {args.out} --resume", file=sys.stderr)
+        return 130
     if report:
         print(f"\nValidation (best checkpoint): balanced accuracy {report['balanced_accuracy']:.4f}, accuracy "
               f"{report['accuracy']:.4f}, macro AUC {report['macro_auc'] or float('nan'):.4f}, melanoma sensitivity "
@@ -99,11 +110,17 @@ def _module_arguments(module: str):
 COMMANDS = {
     "train": ("train a classifier: data check, lesion-grouped split, the phases, a validation report",
               _train_arguments, _train),
-    "evaluate": ("score a checkpoint on labelled images and write report.json / report.md",
+    "evaluate": ("score a checkpoint on labelled images: report.json / .md / .html with intervals and pictures",
                  _module_arguments("evaluate"), _lazy("evaluate", "run")),
+    "compare": ("headline metrics of several runs or reports side by side, with their intervals",
+                _module_arguments("compare"), _lazy("compare", "run")),
     "predict": ("class probabilities for your own images", _module_arguments("predict"), _lazy("predict", "run")),
     "download": ("fetch HAM10000 from Harvard Dataverse (resumable, checksummed)",
                  _module_arguments("download"), _lazy("download", "run")),
+    "export": ("write a checkpoint as an ONNX file for onnxruntime, checked against PyTorch",
+               _module_arguments("export"), _lazy("export", "run")),
+    "benchmark": ("measure data loading, training, evaluation and inference speed on this machine",
+                  _module_arguments("benchmark"), _lazy("benchmark", "run")),
 }
 
 
@@ -136,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk or a read-only folder is the user's to fix, not a bug
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) or not err.filename:
+            raise
+        reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror
+        print(f"error: {reason}: {err.filename}. Free some space or fix the folder and run again (a training run "
+              f"continues with --resume; finished files are intact)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

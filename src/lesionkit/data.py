@@ -21,30 +21,59 @@ REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 # Dermoscopy photos are at most a few thousand pixels a side; anything far larger is a decompression bomb.
+# Pillow only warns between this limit and twice it, so _open refuses everything above it itself.
 Image.MAX_IMAGE_PIXELS = 64_000_000
+# Resizing to cover a 4:3 input multiplies a needle-thin image's long side: 1x30000 px would become
+# 128x3.8M px. No photo of a lesion is 10 times longer than wide.
+MAX_ASPECT = 10
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` with the size checks that keep a hostile header from exhausting memory."""
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as err:  # over twice the limit: Pillow refuses to open it at all
+        raise LesionkitError(f"image {path} is too large to open safely (a decompression bomb?): {err} "
+                             f"Shrink it below {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    width, height = image.size
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise LesionkitError(f"image {path} claims {width}x{height} pixels, over the {Image.MAX_IMAGE_PIXELS:,} "
+                             f"pixel limit (a decompression bomb?): shrink it below that")
+    if width < 1 or height < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        image.close()
+        raise LesionkitError(f"image {path} is {width}x{height} pixels, more than {MAX_ASPECT}:1: crop it to "
+                             f"the lesion")
+    return image
 
 
 def load_image(path: Path) -> Image.Image:
     """Open any image as 8-bit RGB, upright as its EXIF says, or raise ``LesionkitError`` naming the file."""
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
             image = ImageOps.exif_transpose(image)
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 # 16-bit and float grayscale: scale to 8 bits instead of letting convert() clip.
                 image = image.point(lambda v: v / 256).convert("L")
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise LesionkitError(f"cannot read image {path}: {err}") from None
+    except LesionkitError:
+        raise
+    except Exception as err:  # Pillow documents OSError and ValueError, but nothing bounds what a format plugin
+        # raises on corrupt input; whatever the type, the file is at fault (tests/test_fuzz.py).
+        raise LesionkitError(f"cannot read image {path}: {err or type(err).__name__}; replace or remove the "
+                             f"file") from None
 
 
 def check_decodable(path: Path) -> str | None:
     """Decode an image cheaply (JPEG at 1/8 scale); return what is wrong with it, or None."""
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
             image.draft("RGB", (image.width // 8, image.height // 8))
             image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except LesionkitError as err:
         return f"unreadable: {err}"
+    except Exception as err:
+        return f"unreadable: {err or type(err).__name__}"
     return None
 
 
@@ -80,6 +109,8 @@ def read_metadata(path: Path) -> pd.DataFrame:
         raise LesionkitError(f"{path} is empty: it must hold a header with {', '.join(REQUIRED_COLUMNS)}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise LesionkitError(f"{path} is not a readable CSV: {err}") from None
+    if frame.empty:
+        raise LesionkitError(f"{path} has a header but no rows: list one image per row")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise LesionkitError(
@@ -123,7 +154,8 @@ def load_dataset(data_dir: str | Path, metadata: str | Path | None = None, *, de
     """Read the metadata, locate every listed image and (``decode``) check that each one decodes."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise LesionkitError(f"data folder {data_dir} does not exist: check --data-dir")
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise LesionkitError(f"data folder {data_dir} {what}: check --data-dir")
     frame = read_metadata(Path(metadata) if metadata else find_metadata(data_dir))
     images = index_images(data_dir)
     frame["path"] = frame["image_id"].map(lambda i: str(images[i]) if i in images else None)

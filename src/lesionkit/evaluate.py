@@ -1,55 +1,168 @@
-"""``lesionkit evaluate``: the same report as training writes, for any checkpoint on any labelled images."""
+"""``lesionkit evaluate``: the report a reviewer can check, for any checkpoint on any labelled images.
+
+Images come from a HAM10000 folder (optionally one part of a run's ``split.csv``) or from an external
+folder with a labels CSV (HAM10000 style or ISIC 2018 Task 3 one-hot). The report holds the headline with
+bootstrap intervals, per-class and melanoma operating-point metrics, calibration before and after
+temperature scaling, subgroups, pictures, the data used and every setting.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from lesionkit import LesionkitError
+from lesionkit.bootstrap import BootstrapSettings, intervals
+from lesionkit.calibration import fit_temperature, nll, reliability_bins, save_temperature
 from lesionkit.data import load_dataset, refuse_problems
 from lesionkit.inference import Classifier
+from lesionkit.labels import load_labelled_folder
 from lesionkit.loader import ImageDataset, make_loader
+from lesionkit.metrics import ECE_BINS, brier_score, expected_calibration_error
+from lesionkit.plots import report_figures
 from lesionkit.report import build_report, write_predictions, write_report
 from lesionkit.split import PARTS, read_split
+from lesionkit.subgroups import subgroup_metrics
+from lesionkit.tta import VIEW_NAMES, average_probabilities, loader_logits
 
 
 def evaluate_frame(checkpoint: Path, frame: pd.DataFrame, out_dir: Path, *, title: str, skipped: list[str] = (),
-                   batch_size: int = 32, workers: int | None = None, device: str = "cpu") -> dict:
-    """Score ``checkpoint`` on the images of ``frame`` (``path``, ``dx``); write the report into ``out_dir``."""
+                   batch_size: int = 32, workers: int | None = None, device: str = "cpu", tta: bool = False,
+                   fit_temperature_here: bool = False, bootstrap: BootstrapSettings | None = BootstrapSettings(),
+                   data: dict | None = None, unlabelled: list[str] = (), cache=None) -> dict:
+    """Score ``checkpoint`` on the images of ``frame`` (``image_id``, ``path``, ``dx``, optionally
+    ``lesion_id`` and metadata); write the report into ``out_dir`` and return it.
+
+    ``fit_temperature_here`` fits T on these images and saves it beside the checkpoint: pass it for a
+    validation part only, never for data that the report is meant to judge.
+    """
+    checkpoint = Path(checkpoint)
     classifier = Classifier.load(checkpoint, device)
     unknown = sorted(set(frame["dx"]) - set(classifier.classes))
     if unknown:
         raise LesionkitError(f"labels {', '.join(unknown)} are not classes of {checkpoint} ({classifier.classes})")
-    loader = make_loader(ImageDataset.from_frame(frame, classifier.transform), batch_size, train=False,
+    # ``cache``: training's ImageCache (lesionkit.cache); a one-off evaluation reads each image once, uncached.
+    loader = make_loader(ImageDataset.from_frame(frame, classifier.transform, cache), batch_size, train=False,
                          workers=workers)
-    probabilities = classifier.predict_loader(loader).numpy()
+    logits = loader_logits(classifier, loader, tta)  # (images, views, classes)
     labels = np.array([classifier.classes.index(d) for d in frame["dx"]])
+    temperature, source = (classifier.temperature, classifier.temperature_source) if classifier.temperature_source \
+        else (None, None)
+    if fit_temperature_here:
+        temperature = fit_temperature(logits[:, 0], labels)  # on the plain view: T must not depend on --tta
+        source = str(save_temperature(checkpoint, temperature, {
+            "fitted_on": title, "images": len(labels), "nll_before": nll(logits[:, 0], labels),
+            "nll_after": nll(logits[:, 0], labels, temperature)}))
+        print(f"Temperature {temperature:.4f} fitted on {len(labels)} images; saved in {source}")
+    raw = average_probabilities(logits)
+    calibrated = average_probabilities(logits, temperature) if temperature else None
+    probabilities = raw if calibrated is None else calibrated
+
     report = build_report(labels, probabilities, classifier.classes)
+    both = {"before": raw, "after": calibrated}
+    report["ece"] = {k: None if p is None else expected_calibration_error(labels, p) for k, p in both.items()}
+    report["brier"] = {k: None if p is None else brier_score(labels, p) for k, p in both.items()}
+    bins = {k: reliability_bins(labels, p, ECE_BINS) for k, p in both.items() if p is not None}
+    report["calibration"] = {"temperature": temperature, "source": source, "fitted_here": fit_temperature_here,
+                             "n_bins": ECE_BINS, "reliability": bins}
+    lesions_known = "lesion_id" in frame and frame["lesion_id"].notna().all()
+    groups = (frame["lesion_id"] if lesions_known else frame["image_id"]).to_numpy()
+    if bootstrap:
+        report.update(intervals(labels, probabilities, classifier.classes, groups, bootstrap))
+        report["bootstrap"]["unit"] = "lesion" if lesions_known else "image"
+    report["subgroups"] = subgroup_metrics(frame, labels, probabilities, classifier.classes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = checkpoint.resolve().parent.parent
+    report["figures"] = report_figures(
+        out_dir, labels, probabilities, classifier.classes,
+        {f"{k} temperature scaling (ECE {100 * report['ece'][k]:.1f}%)": b for k, b in bins.items()},
+        run_dir / "metrics.csv")
     report["context"] = {"checkpoint": str(checkpoint), "model": classifier.meta["model_name"],
-                         "images": len(frame), "lesions": int(frame["lesion_id"].nunique())}
+                         "configuration": "TTA, 8 flips and rotations averaged" if tta else "plain (no TTA)",
+                         "images": len(frame), "lesions": int(pd.unique(groups).size) if lesions_known else "unknown"}
+    report["data"] = {**(data or {}), **describe_images(frame, classifier.classes, run_dir)}
+    report["settings"] = {
+        "checkpoint": str(checkpoint.resolve()), "model": classifier.meta["model_name"],
+        "preprocessing": classifier.preprocessing.to_dict(), "tta": tta, "tta_views": list(VIEW_NAMES) if tta else
+        ["identity"], "temperature": temperature, "bootstrap": report.get("bootstrap"), "batch_size": batch_size,
+        "device": device, "training_config": classifier.meta.get("config")}
     report["skipped_images"] = list(skipped)
+    report["unlabelled_images"] = list(unlabelled)
     write_report(report, out_dir, title)
     write_predictions(frame, probabilities, classifier.classes, out_dir / "predictions.csv")
     return report
 
 
+def describe_images(frame: pd.DataFrame, classes: list[str], run_dir: Path) -> dict:
+    """Counts per class (and per part of the run's split, when the checkpoint sits in a run) and image sizes."""
+    counts = frame["dx"].value_counts()
+    out = {"images_per_class": {"evaluated": {c: int(counts.get(c, 0)) for c in classes}}}
+    if (run_dir / "split.csv").is_file():
+        split = pd.read_csv(run_dir / "split.csv", dtype=str)
+        table = split.pivot_table(index="dx", columns="split", values="image_id", aggfunc="size")
+        out["training_run_split"] = {p: {c: int(table[p].get(c, 0) or 0) for c in classes}
+                                     for p in PARTS if p in table}
+    sizes = Counter()
+    for path in frame["path"]:
+        with Image.open(path) as image:  # reads the header only
+            sizes[f"{image.width}x{image.height}"] += 1
+    out["image_sizes"] = ", ".join(f"{size} ({n})" for size, n in sizes.most_common(3))
+    return out
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
-    parser.add_argument("--data-dir", required=True, type=Path, help="folder with HAM10000_metadata.csv and images")
-    parser.add_argument("--metadata", type=Path, help="metadata CSV (default: HAM10000_metadata.csv in --data-dir)")
-    parser.add_argument("--split-file", type=Path, help="a split.csv; with --split, evaluate one part of it")
-    parser.add_argument("--split", choices=PARTS, default="val", help="part of --split-file to evaluate (default: val)")
+    source = parser.add_argument_group("images: a HAM10000 folder, or --images with --labels")
+    source.add_argument("--data-dir", type=Path, help="folder with HAM10000_metadata.csv and images")
+    source.add_argument("--metadata", type=Path, help="metadata CSV (default: HAM10000_metadata.csv in --data-dir)")
+    source.add_argument("--split-file", type=Path, help="a split.csv; with --split, evaluate one part of it")
+    source.add_argument("--split", choices=PARTS, default="val", help="part of --split-file to evaluate (default: val)")
+    source.add_argument("--images", type=Path, help="an external folder of images (e.g. the ISIC 2018 test set)")
+    source.add_argument("--labels", type=Path, help="labels of --images: image_id,dx[,lesion_id,age,sex,localization] "
+                        "or ISIC 2018 Task 3 ground truth (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC)")
     parser.add_argument("--out", type=Path, help="report folder (default: evaluate-<part> beside the checkpoints)")
-    parser.add_argument("--allow-missing", action="store_true", help="skip missing or unreadable images")
+    parser.add_argument("--allow-missing", action="store_true", help="skip missing or unreadable images (listed)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower)")
+    parser.add_argument("--fit-temperature", action="store_true",
+                        help="fit the temperature on these images and save it beside the checkpoint; "
+                             "only with --split-file and --split val")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for the 95%% intervals (default: 1000; 0 skips them)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, help="data loading processes (default: one per core, at most 8)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
-def run(args: argparse.Namespace) -> int:
+def _select(args: argparse.Namespace) -> tuple[pd.DataFrame, str, dict, list[str], list[str]]:
+    """The images to evaluate, the part's name, where they came from, the skipped and the unlabelled ids."""
+    if args.images or args.labels:
+        if not (args.images and args.labels) or args.data_dir or args.split_file:
+            raise LesionkitError("give --images with --labels for an external set, or --data-dir (with "
+                                 "--split-file) for HAM10000, not a mix")
+        folder = load_labelled_folder(args.images, args.labels)
+        refuse_problems(folder, args.allow_missing)
+        if folder.unlabelled:
+            print(f"warning: {len(folder.unlabelled)} image(s) under {args.images} have no label in {args.labels} "
+                  f"and are not evaluated: {', '.join(folder.unlabelled[:10])}{' ...' if len(folder.unlabelled) > 10 else ''}"
+                  " (all listed in the report)", file=sys.stderr)
+        data = {"images": str(args.images.resolve()), "labels": str(args.labels.resolve()),
+                "labels_md5": _md5(args.labels), "label_format": folder.label_format}
+        return folder.usable, args.labels.stem, data, sorted(folder.problems), folder.unlabelled
+    if not args.data_dir:
+        raise LesionkitError("no images: pass --data-dir (a HAM10000 folder) or --images with --labels")
     dataset = load_dataset(args.data_dir, args.metadata)
     refuse_problems(dataset, args.allow_missing)
     frame, part = dataset.usable, "all"
@@ -59,11 +172,33 @@ def run(args: argparse.Namespace) -> int:
         if chosen.empty:
             raise LesionkitError(f"{args.split_file} has no '{args.split}' images: choose another --split")
         frame, part = frame[frame["image_id"].isin(chosen)].reset_index(drop=True), args.split
-    out = args.out or args.checkpoint.resolve().parent.parent / f"evaluate-{part}"
-    report = evaluate_frame(args.checkpoint, frame, out, title=f"{part} images of {args.data_dir}",
-                            skipped=sorted(dataset.problems), batch_size=args.batch_size, workers=args.workers,
-                            device=args.device)
-    print(f"balanced accuracy {report['balanced_accuracy']:.4f}  accuracy {report['accuracy']:.4f}  "
-          f"macro AUC {report['macro_auc'] or float('nan'):.4f}  melanoma sensitivity "
-          f"{report['melanoma_sensitivity'] or 0:.4f}  ({report['n_images']} images)\nReport: {out / 'report.md'}")
+    metadata = args.metadata or next(iter(sorted(args.data_dir.rglob("HAM10000_metadata.csv"))), None)
+    data = {"data_folder": str(args.data_dir.resolve()), "metadata_md5": _md5(metadata) if metadata else None,
+            "split_file": str(args.split_file.resolve()) if args.split_file else None,
+            "part": part}
+    return frame, part, data, sorted(dataset.problems), []
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fit_temperature and not (args.split_file and args.split == "val"):
+        raise LesionkitError("--fit-temperature fits on validation images only: add --split-file RUN/split.csv "
+                             "--split val (never fit it on test or external data)")
+    bootstrap = BootstrapSettings(args.bootstrap, args.seed) if args.bootstrap else None
+    frame, part, data, skipped, unlabelled = _select(args)
+    out = args.out or args.checkpoint.resolve().parent.parent / f"evaluate-{part}{'-tta' if args.tta else ''}"
+    source = f"{args.images}" if args.images else f"{args.data_dir}"
+    report = evaluate_frame(args.checkpoint, frame, out, title=f"{part} images of {source}", skipped=skipped,
+                            batch_size=args.batch_size, workers=args.workers, device=args.device, tta=args.tta,
+                            fit_temperature_here=args.fit_temperature, bootstrap=bootstrap, data=data,
+                            unlabelled=unlabelled)
+    ci = report.get("intervals", {}).get("balanced_accuracy")
+    ece = report["ece"]
+    print(f"balanced accuracy {report['balanced_accuracy']:.4f}"
+          + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+          + f"  accuracy {report['accuracy']:.4f}  macro AUC {report['macro_auc'] or float('nan'):.4f}  melanoma "
+          f"sensitivity {report['melanoma_sensitivity'] or 0:.4f}  ({report['n_images']} images)\n"
+          f"ECE {ece['before']:.4f} before temperature scaling"
+          + (f", {ece['after']:.4f} after (T={report['calibration']['temperature']:.3f})" if ece["after"] is not None
+             else " (no temperature fitted)")
+          + f"\nReport: {out / 'report.md'} and {out / 'report.html'}")
     return 0

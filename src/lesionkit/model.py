@@ -38,7 +38,12 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         path = Path(cfg.weights)
         if not path.is_file():
             raise LesionkitError(f"model.weights: {path} is not a file (use hub, lite1, none or a weights file)")
-        load_backbone(model, timm.models.load_state_dict(str(path), weights_only=True))
+        try:
+            state_dict = timm.models.load_state_dict(str(path), weights_only=True)
+        except Exception as err:  # pickled objects refused by weights_only, damaged or foreign files
+            raise LesionkitError(f"cannot load weights file {path} safely (tensors only, never pickled code): "
+                                 f"{str(err).splitlines()[0]}") from None
+        load_backbone(model, state_dict)
     return model
 
 

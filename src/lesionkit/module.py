@@ -6,8 +6,9 @@ import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from lesionkit import __version__
+from lesionkit import LesionkitError, __version__
 from lesionkit.config import PhaseConfig
+from lesionkit.features import head_logits
 from lesionkit.model import freeze_batchnorm_stats, set_trainable
 
 MONITOR = "val/balanced_accuracy"
@@ -57,11 +58,20 @@ class LesionClassifier(L.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim == 2:  # stored backbone features, in a phase with cache_features (lesionkit.features)
+            return head_logits(self.model, images)
         return self.model(images.contiguous(memory_format=torch.channels_last))
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
         loss = self.criterion(self(images), labels)
+        # One bad batch (or a diverging rate) would otherwise train every later step on NaN weights. The check
+        # costs no extra sync: the progress bar reads the loss every step anyway.
+        if not torch.isfinite(loss):
+            raise LesionkitError(
+                f"training loss is {loss.item()} at step {self.global_step} (phase {self.phase.name!r}, epoch "
+                f"{self.current_epoch}, batch {batch_idx}): stopped rather than train on garbage. Check the data "
+                f"or lower train.phases.{self.phase_index}.lr; checkpoints/last.ckpt holds the last good epoch")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
 
@@ -94,4 +104,14 @@ class LesionClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lesionkit"] = {"phase": self.phase.name, "phase_index": self.phase_index}
+        # "stopped": early stopping ended the phase at this epoch, so a resumed run moves on to the next one
+        # instead of training an epoch the uninterrupted run never trained.
+        checkpoint["lesionkit"] = {"phase": self.phase.name, "phase_index": self.phase_index,
+                                   "stopped": bool(self._trainer and self.trainer.should_stop)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._stopped_early = checkpoint.get("lesionkit", {}).get("stopped", False)
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_stopped_early", False):
+            self.trainer.should_stop, self._stopped_early = True, False

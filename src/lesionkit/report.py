@@ -1,7 +1,7 @@
-"""The metrics the field reads, from scikit-learn, and the ``report.json`` / ``report.md`` pair.
+"""An evaluation's three files: ``report.json`` (every number), ``report.md`` and ``report.html``.
 
-Balanced accuracy (mean per-class recall, the ISIC challenge's metric) leads: on HAM10000 always answering
-"nv" scores 67% plain accuracy but 14% balanced accuracy.
+The metrics come from :mod:`lesionkit.metrics`; this module only lays them out. The markdown is the
+single layout: the HTML is rendered from it, with its PNG pictures embedded (see :mod:`lesionkit.report_html`).
 """
 
 from __future__ import annotations
@@ -11,36 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics
+
+from lesionkit.metrics import classification_metrics, operating_points
+from lesionkit.report_html import write_html
+
+HEADLINE_NAMES = {"balanced_accuracy": "balanced accuracy (mean per-class recall)",
+                  "melanoma_sensitivity": "melanoma sensitivity", "macro_auc": "macro AUC (one-vs-rest)",
+                  "macro_f1": "macro F1", "accuracy": "accuracy"}
 
 
 def build_report(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
-    """Headline and per-class metrics for integer ``labels`` and an ``(n, classes)`` probability array."""
-    predictions = probabilities.argmax(axis=1)
-    ids = list(range(len(classes)))
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        labels, predictions, labels=ids, zero_division=0)
-    per_class = {}
-    for i, name in enumerate(classes):
-        positives = labels == i
-        # AUC needs both positives and negatives; a class absent from the data has none.
-        auc = metrics.roc_auc_score(positives, probabilities[:, i]) if 0 < positives.sum() < len(labels) else None
-        per_class[name] = {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                           "auc": auc if auc is None else float(auc), "support": int(support[i])}
-    aucs = [c["auc"] for c in per_class.values() if c["auc"] is not None]
-    present = [i for i in ids if support[i] > 0]
-    return {
-        "n_images": int(len(labels)),
-        "accuracy": float(metrics.accuracy_score(labels, predictions)),
-        # Over the classes present, as scikit-learn's balanced_accuracy_score: a class with no images has no recall.
-        "balanced_accuracy": float(np.mean(recall[present])),
-        "macro_f1": float(metrics.f1_score(labels, predictions, labels=present, average="macro", zero_division=0)),
-        "macro_auc": float(np.mean(aucs)) if aucs else None,
-        "melanoma_sensitivity": per_class["mel"]["recall"] if "mel" in per_class else None,
-        "per_class": per_class,
-        "confusion_matrix": {"classes": list(classes),
-                             "matrix": metrics.confusion_matrix(labels, predictions, labels=ids).tolist()},
-    }
+    """Headline, per-class and melanoma operating-point metrics (see :mod:`lesionkit.metrics`)."""
+    report = classification_metrics(labels, probabilities, classes)
+    report["melanoma_operating_points"] = operating_points(labels, probabilities, classes)
+    return report
 
 
 def write_predictions(frame: pd.DataFrame, probabilities: np.ndarray, classes: list[str], path: Path) -> None:
@@ -52,41 +36,100 @@ def write_predictions(frame: pd.DataFrame, probabilities: np.ndarray, classes: l
 
 
 def write_report(report: dict, out_dir: Path, title: str) -> None:
-    """Write ``report.json`` and a readable ``report.md`` beside it."""
+    """Write ``report.json``, ``report.md`` and a self-contained ``report.html`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(render_markdown(report, title))
+    markdown = render_markdown(report, title)
+    (out_dir / "report.md").write_text(markdown)
+    write_html(markdown, title, out_dir, out_dir / "report.html")
 
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return "n/a" if not bounds else f"{100 * bounds[0]:.1f}% to {100 * bounds[1]:.1f}%"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def render_markdown(report: dict, title: str) -> str:
     lines = [f"# {title}", ""]
     for key, value in report.get("context", {}).items():
         lines.append(f"- {key}: {value}")
-    lines += [
-        "",
-        "| metric | value |", "| --- | --- |",
-        f"| balanced accuracy (mean per-class recall) | {_pct(report['balanced_accuracy'])} |",
-        f"| melanoma sensitivity | {_pct(report['melanoma_sensitivity'])} |",
-        f"| macro AUC (one-vs-rest) | {_pct(report['macro_auc'])} |",
-        f"| macro F1 | {_pct(report['macro_f1'])} |",
-        f"| accuracy | {_pct(report['accuracy'])} |",
-        f"| images | {report['n_images']} |",
-        "", "## Per class", "",
-        "| class | recall | precision | F1 | AUC | images |", "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, c in report["per_class"].items():
-        lines.append(f"| {name} | {_pct(c['recall'])} | {_pct(c['precision'])} | {_pct(c['f1'])} | "
-                     f"{_pct(c['auc'])} | {c['support']} |")
+    intervals, boot = report.get("intervals", {}), report.get("bootstrap")
+    lines += ["", "## Headline", ""]
+    if boot:
+        lines += [f"{100 * boot['confidence']:.0f}% intervals: percentile bootstrap, {boot['resamples']} resamples of "
+                  f"{boot['units']} {boot.get('unit', 'lesion')}s (seed {boot['seed']}).", ""]
+    lines += _table(["metric", "value", "interval"],
+                    [[name, _pct(report.get(key)), _interval(intervals.get(key))]
+                     for key, name in HEADLINE_NAMES.items()]
+                    + [["weighted F1", _pct(report.get("weighted_f1")), ""], ["images", report["n_images"], ""]])
+    points = report.get("melanoma_operating_points")
+    if points:
+        lines += ["", "## Melanoma operating points (one melanoma-vs-rest threshold)", ""]
+        rows = [[f"sensitivity at specificity >= {k}", _pct(v["value"]), f"{v['threshold']:.4f}"]
+                for k, v in points["sensitivity_at_specificity"].items()]
+        rows += [[f"specificity at sensitivity >= {k}", _pct(v["value"]), f"{v['threshold']:.4f}"]
+                 for k, v in points["specificity_at_sensitivity"].items()]
+        lines += _table(["operating point", "value", "threshold on p(mel)"], rows)
+    if "ece" in report:
+        cal = report["calibration"]
+        temperature = f"{cal['temperature']:.3f}" if cal["temperature"] else "none fitted"
+        lines += ["", "## Calibration", "",
+                  f"Temperature: {temperature}"
+                  + (f", from {cal['source']}" if cal.get("source") else "")
+                  + (" (fitted on these images, so 'after' is optimistic)" if cal.get("fitted_here") else "")
+                  + f". ECE: top-label, {cal['n_bins']} equal-width bins.", ""]
+        lines += _table(["", "ECE", "Brier score"],
+                        [[when, _pct(report["ece"][when]) if report["ece"][when] is not None else "n/a",
+                          "n/a" if report["brier"][when] is None else f"{report['brier'][when]:.4f}"]
+                         for when in ("before", "after")])
+    lines += ["", "## Per class", ""]
+    lines += _table(["class", "images", "sensitivity (recall)", "specificity", "precision", "F1", "AUC", "AP"],
+                    [[name, c["support"], _pct(c["recall"]), _pct(c.get("specificity")), _pct(c["precision"]),
+                      _pct(c["f1"]), _pct(c["auc"]), _pct(c.get("average_precision"))]
+                     for name, c in report["per_class"].items()])
     classes = report["confusion_matrix"]["classes"]
-    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", "",
-              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
-    for name, row in zip(classes, report["confusion_matrix"]["matrix"]):
-        lines.append(f"| **{name}** | " + " | ".join(map(str, row)) + " |")
-    skipped = report.get("skipped_images")
-    if skipped:
-        lines += ["", f"## Skipped images ({len(skipped)})", "", ", ".join(skipped)]
+    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
+    lines += _table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, report["confusion_matrix"]["matrix"])])
+    for name, caption in report.get("figures", {}).items():
+        lines += ["", f"![{caption}]({name})"]
+    lines += _subgroups(report.get("subgroups", {}))
+    lines += _data(report.get("data"))
+    for key, heading in (("skipped_images", "Skipped images (missing or unreadable)"),
+                         ("unlabelled_images", "Images without a label (not evaluated)")):
+        if report.get(key):
+            lines += ["", f"## {heading}: {len(report[key])}", "", ", ".join(report[key])]
+    if "settings" in report:
+        lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _subgroups(subgroups: dict) -> list[str]:
+    lines = []
+    for column, groups in subgroups.items():
+        lines += ["", f"## By {column.replace('_', ' ')}", ""]
+        lines += _table(["group", "images", "lesions", "balanced accuracy", "melanoma sensitivity", "accuracy", "status"],
+                        [[g, m["images"], m["lesions"], _pct(m["balanced_accuracy"]), _pct(m["melanoma_sensitivity"]),
+                          _pct(m["accuracy"]), m["status"]] for g, m in groups.items()])
+    return lines
+
+
+def _data(data: dict | None) -> list[str]:
+    if not data:
+        return []
+    lines = ["", "## Data", ""]
+    lines += [f"- {key}: {value}" for key, value in data.items() if not isinstance(value, dict)]
+    for key, table in data.items():
+        if isinstance(table, dict):  # {part: {class: count}}
+            parts = list(table)
+            classes = list(next(iter(table.values())))
+            lines += ["", f"{key.replace('_', ' ')}:", ""]
+            lines += _table(["class", *parts], [[c, *(table[p].get(c, 0) for p in parts)] for c in classes])
+    return lines

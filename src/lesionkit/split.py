@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lesionkit import LesionkitError
+from lesionkit.runfolder import atomic_write_csv
 
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split"]
 PARTS = ("train", "val", "test")
@@ -22,6 +23,10 @@ PARTS = ("train", "val", "test")
 def _hold_out(frame: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of about ``fraction`` of the rows, whole lesions, stratified by class."""
     n_splits = max(2, round(1 / fraction))
+    lesions = frame["lesion_id"].nunique()
+    if lesions < n_splits:
+        raise LesionkitError(f"only {lesions} lesion(s) to split: holding out {fraction:.0%} needs at least "
+                             f"{n_splits}; use more lesions (data.per_class_limit) or a larger split.val_fraction / split.test_fraction")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     _, held = next(folds.split(frame, frame["dx"], groups=frame["lesion_id"]))
     mask = np.zeros(len(frame), dtype=bool)
@@ -51,6 +56,10 @@ def check_split(split: pd.DataFrame, source: str = "the split") -> None:
     missing = [c for c in SPLIT_COLUMNS if c not in split.columns]
     if missing:
         raise LesionkitError(f"{source} lacks column(s) {', '.join(missing)}; it needs {', '.join(SPLIT_COLUMNS)}")
+    twice = split["image_id"][split["image_id"].duplicated()].unique()
+    if len(twice):
+        raise LesionkitError(f"{source} lists image(s) {', '.join(map(str, twice[:10]))} more than once "
+                             f"({len(twice)} ids); each image belongs to exactly one part")
     bad = sorted(set(split["split"]) - set(PARTS))
     if bad:
         raise LesionkitError(f"{source}: unknown part(s) {', '.join(map(str, bad))}; use {', '.join(PARTS)}")
@@ -68,7 +77,12 @@ def read_split(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     """Load a saved ``split.csv`` and check that it matches the metadata it is used with."""
     if not path.is_file():
         raise LesionkitError(f"split file {path} does not exist: check --split-file")
-    split = pd.read_csv(path, dtype=str)
+    try:
+        split = pd.read_csv(path, dtype=str, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise LesionkitError(f"split file {path} is empty: it needs a header {', '.join(SPLIT_COLUMNS)}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise LesionkitError(f"split file {path} is not a readable CSV: {err}") from None
     check_split(split, str(path))
     known = frame.set_index("image_id")
     unknown = split.loc[~split["image_id"].isin(known.index), "image_id"]
@@ -85,4 +99,4 @@ def read_split(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def save_split(split: pd.DataFrame, path: Path) -> None:
-    split[SPLIT_COLUMNS].to_csv(path, index=False)
+    atomic_write_csv(split[SPLIT_COLUMNS], path, index=False)

@@ -7,9 +7,12 @@ over all phases; ``last`` is where ``--resume`` picks up.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import signal
 import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,26 +22,52 @@ import timm
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from sklearn.utils.class_weight import compute_class_weight
 
 from lesionkit import CLASSES, LesionkitError
+from lesionkit.checkpoints import AtomicCheckpointIO, EpochSeed, check_compatible, load_checkpoint
 from lesionkit.config import Config, TrainConfig, save_config
-from lesionkit.data import limit_per_class, load_dataset, refuse_problems, summary
+from lesionkit.data import find_metadata, limit_per_class, load_dataset, refuse_problems, summary
 from lesionkit.evaluate import evaluate_frame
+from lesionkit.cache import build_cache
+from lesionkit.features import feature_loaders
 from lesionkit.loader import ImageDataset, make_loader
 from lesionkit.model import create_model
 from lesionkit.module import MONITOR, LesionClassifier
+from lesionkit.runfolder import atomic_write, atomic_write_csv, data_fingerprint, run_lock, write_provenance
 from lesionkit.split import make_split, read_split, save_split
 from lesionkit.transforms import Preprocessing, eval_transform, train_transform
 
 
 class EpochTable(Callback):
-    """Append one row per epoch to ``metrics.csv``: phase, losses, validation accuracy and balanced accuracy."""
+    """One row per epoch in ``metrics.csv``: phase, losses, validation accuracy and balanced accuracy.
+
+    The rows also travel in every checkpoint (this callback's state, saved after the row is added), and the
+    file is rewritten whole from them: a resumed run's table holds each epoch once, however the run stopped.
+    """
 
     FIELDS = ["phase", "epoch", "step", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy"]
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, rows: list[list] | None = None):
+        self.path, self.rows = path, list(rows or [])
+        self.write()
+
+    def write(self) -> None:
+        if rank_zero_only.rank > 0:  # DDP: the folder is rank 0's
+            return
+
+        def dump(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                csv.writer(f).writerows([self.FIELDS, *self.rows])
+        atomic_write(self.path, dump)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
+        self.write()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: LesionClassifier) -> None:
         if not trainer.is_global_zero:
@@ -47,12 +76,8 @@ class EpochTable(Callback):
         row = [module.phase.name, trainer.current_epoch, trainer.global_step,
                trainer.optimizers[0].param_groups[0]["lr"], m.get("train/loss_epoch"), m.get("val/loss"),
                m.get("val/accuracy"), m.get(MONITOR)]
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(self.FIELDS)
-            writer.writerow(row)
+        self.rows.append(row)
+        self.write()
 
 
 def class_weights(labels: np.ndarray, mode: str) -> list[float] | None:
@@ -75,14 +100,24 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return "32-true"
 
 
-def prepare_out_dir(out: Path, resume: bool) -> None:
+def prepare_out_dir(out: Path, resume: bool) -> bool:
+    """Check that ``out`` may be written; return True when there is a checkpoint to resume from.
+
+    A run stopped before its first epoch ended has a config but no checkpoint: ``--resume`` starts it over.
+    """
+    if rank_zero_only.rank > 0:  # DDP: Lightning starts ranks 1.. by re-running the command, into rank 0's folder
+        return resume and (out / "checkpoints" / "last.ckpt").is_file()
     if resume:
-        if not (out / "checkpoints" / "last.ckpt").is_file():
+        if (out / "checkpoints" / "last.ckpt").is_file():
+            return True
+        if not (out / "config.yaml").is_file():
             raise LesionkitError(f"--resume: {out}/checkpoints/last.ckpt does not exist; nothing to resume")
-        return
-    if (out / "config.yaml").exists():
+        print(f"{out} has no checkpoint yet (stopped during its first epoch): starting the run over")
+        return False
+    if any((out / name).exists() for name in ("config.yaml", "metrics.csv", "checkpoints")):
         raise LesionkitError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def prepare_data(config: Config, out: Path, resume: bool) -> tuple[pd.DataFrame, list[str]]:
@@ -91,8 +126,8 @@ def prepare_data(config: Config, out: Path, resume: bool) -> tuple[pd.DataFrame,
     refuse_problems(dataset, config.data.allow_missing)
     skipped = sorted(dataset.problems)
     if skipped:
-        pd.DataFrame({"image_id": skipped, "problem": [dataset.problems[i] for i in skipped]}).to_csv(
-            out / "skipped.csv", index=False)
+        atomic_write_csv(pd.DataFrame({"image_id": skipped, "problem": [dataset.problems[i] for i in skipped]}),
+                         out / "skipped.csv", index=False)
         print(f"Skipping {len(skipped)} missing or unreadable image(s), listed in {out / 'skipped.csv'}")
     frame = limit_per_class(dataset.usable, config.data.per_class_limit, config.split.seed)
     split_file = out / "split.csv" if resume else config.split.split_file
@@ -109,67 +144,110 @@ def prepare_data(config: Config, out: Path, resume: bool) -> tuple[pd.DataFrame,
 
 
 def train(config: Config, out: Path, resume: bool = False) -> dict:
-    """Run every phase, then write the validation report of the best checkpoint. Returns that report."""
+    """Run every phase, then write the validation report of the best checkpoint. Returns that report.
+
+    The run holds ``out/.lock`` throughout, so a second run into the same folder is refused.
+    """
+    if resume and not out.is_dir():
+        raise LesionkitError(f"--resume: {out} does not exist; nothing to resume")
+    # Under DDP every rank runs this function; only rank 0 owns the folder.
+    with run_lock(out) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        return _train(config, out, resume)
+
+
+def _train(config: Config, out: Path, resume: bool) -> dict:
     # Both are expected here: frozen BatchNorms sit in eval mode on purpose, and phases share one folder.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    prepare_out_dir(out, resume)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume_from = load_checkpoint(last) if prepare_out_dir(out, resume) else None
+    if resume_from is not None:
+        check_compatible(resume_from, last, config.model.name, list(CLASSES))
+    resuming = resume_from is not None
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     split, skipped = prepare_data(config, out, resume)
     if not resume:
         save_config(config, out / "config.yaml")
+    if rank_zero_only.rank == 0:
+        metadata = Path(config.data.metadata) if config.data.metadata else find_metadata(Path(config.data.data_dir))
+        write_provenance(out, seed=config.train.seed, split_seed=config.split.seed,
+                         data=data_fingerprint(metadata, split), resume=resume)
 
     # A resumed run overwrites every weight from its checkpoint: no need to fetch the pretrained ones again.
-    model = create_model(replace(config.model, weights="none") if resume else config.model, len(CLASSES))
+    model = create_model(replace(config.model, weights="none") if resuming else config.model, len(CLASSES))
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), config.data.image_size)
     parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
     weights = class_weights(np.array([CLASSES.index(d) for d in parts["train"]["dx"]]), config.train.class_weights)
     meta = {"model_name": config.model.name, "classes": list(CLASSES), "preprocessing": pre.to_dict(),
             "config": config.to_dict()}
     module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing)
+    if config.train.compile:
+        module.model.compile()  # in place: the state_dict keeps its names, so checkpoints load as ever
 
     workers, batch = config.data.num_workers, config.data.batch_size
-    train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment)),
+    cache = build_cache(split, pre, config.data.cache_dir) if config.data.cache else None
+    train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache),
                                batch, train=True, workers=workers)
-    val_loader = make_loader(ImageDataset.from_frame(parts["val"], eval_transform(pre)), batch, train=False,
+    val_loader = make_loader(ImageDataset.from_frame(parts["val"], eval_transform(pre), cache), batch, train=False,
                              workers=workers)
 
-    ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    start = torch.load(last, map_location="cpu", weights_only=True)["lesionkit"]["phase_index"] if resume else 0
-    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max", save_last=True,
-                           enable_version_counter=False)
+    start = resume_from.get("lesionkit", {}).get("phase_index", 0) if resuming else 0
+    # metrics.csv is rewritten from the rows the checkpoint carries: epochs after it are dropped, to be re-run.
+    table = EpochTable(out / "metrics.csv",
+                       resume_from.get("callbacks", {}).get("EpochTable", {}).get("rows") if resuming else [])
+    # 'best' keeps the best validation balanced accuracy; 'last' is written at every epoch's end, after
+    # EpochTable's row and after 'best' has scored the epoch, so it carries both. (ModelCheckpoint's own
+    # save_last writes only when a top-k file was written: a run stopped after epochs without progress
+    # would redo them all.)
+    best_callback = partial(ModelCheckpoint, dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max",
+                            enable_version_counter=False, save_on_train_epoch_end=True)
+    best = best_callback()
     for index, phase in enumerate(config.train.phases):
         if index < start:
             continue
         print(f"Phase {index + 1}/{len(config.train.phases)} '{phase.name}': {phase.epochs} epoch(s) at lr "
               f"{phase.lr:g}, training {'everything' if phase.unfreeze == -1 else f'the top {phase.unfreeze} layer group(s) and the head'}")
         module.set_phase(index)
+        loaders = feature_loaders(module.model, train_loader, val_loader) if phase.cache_features else (
+            train_loader, val_loader)
         # A fresh checkpoint callback per phase, carrying the best score so far so that 'best' spans phases.
-        previous, best = best, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max",
-                                               save_last=True, enable_version_counter=False)
+        previous, best = best, best_callback()
         best.load_state_dict(previous.state_dict())
-        callbacks = [best, EpochTable(out / "metrics.csv"), LearningRateMonitor("epoch")]
+        last_callback = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False,
+                                        save_on_train_epoch_end=True)
+        callbacks = [best, last_callback, table, EpochSeed(config.train.seed), LearningRateMonitor("epoch")]
         if phase.patience:
             callbacks.append(EarlyStopping(MONITOR, mode="max", patience=phase.patience))
-        resumed = resume and index == start
-        version = f"{phase.name}-resumed" if resumed else phase.name  # keep the interrupted phase's logs
+        resumed = resuming and index == start
+        version, attempt = phase.name, 1
+        while (out / "logs" / "csv" / version).exists():  # a resumed run keeps every interrupted attempt's logs
+            version, attempt = f"{phase.name}-resumed{attempt if attempt > 1 else ''}", attempt + 1
         trainer = L.Trainer(
             max_epochs=phase.epochs, accelerator=config.train.accelerator, devices=config.train.devices,
             num_nodes=config.train.num_nodes, strategy=config.train.strategy,
             precision=resolve_precision(config.train), callbacks=callbacks, default_root_dir=out,
+            plugins=[AtomicCheckpointIO()],
             logger=[CSVLogger(out / "logs", name="csv", version=version),
                     TensorBoardLogger(out / "logs", name="tensorboard", version=version)],
             log_every_n_steps=min(10, len(train_loader)), num_sanity_val_steps=0)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=last if resumed else None)
+        try:
+            trainer.fit(module, *loaders, ckpt_path=last if resumed else None, weights_only=True)
+        except SystemExit:
+            # Lightning answers Ctrl-C by stopping cleanly and calling sys.exit(1), after setting SIGINT to be
+            # ignored; give the interrupt back to the caller, which says how to resume.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
 
     if not trainer.is_global_zero:  # with several GPUs, one process writes the report
         return {}
-    return report_runs(out, parts, skipped, batch, workers)
+    return report_runs(out, parts, skipped, batch, workers, cache)
 
 
 def report_runs(out: Path, parts: dict[str, pd.DataFrame], skipped: list[str], batch: int,
-                workers: int | None) -> dict:
+                workers: int | None, cache=None) -> dict:
     """Evaluate the best checkpoint on validation (the run's report) and on test when there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reports = {}
@@ -178,5 +256,7 @@ def report_runs(out: Path, parts: dict[str, pd.DataFrame], skipped: list[str], b
             target = out if name == "val" else out / "test"
             reports[name] = evaluate_frame(out / "checkpoints" / "best.ckpt", parts[name], target,
                                            title=f"{name} part of {out.name}", skipped=skipped,
-                                           batch_size=batch, workers=workers, device=device)
+                                           batch_size=batch, workers=workers, device=device, cache=cache,
+                                           # T is fitted on validation (val comes first) and reused for test.
+                                           fit_temperature_here=name == "val")
     return reports["val"]
