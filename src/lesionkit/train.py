@@ -137,7 +137,9 @@ def prepare_data(config: Config, out: Path, resume: bool) -> tuple[pd.DataFrame,
     else:
         split = make_split(frame, config.split.val_fraction, config.split.test_fraction, config.split.seed)
     save_split(split, out / "split.csv")
-    split = split.merge(frame[["image_id", "path"]], on="image_id")
+    # Paths, and the metadata the report's subgroups read (sex, age band, body site) where the CSV has it.
+    extra = [c for c in ("age", "sex", "localization") if c in frame.columns]
+    split = split.merge(frame[["image_id", "path", *extra]], on="image_id")
     table = summary(split).join(split.pivot_table(index="dx", columns="split", values="image_id", aggfunc="size"))
     print(f"Data: {len(split)} images of {split['lesion_id'].nunique()} lesions\n{table.fillna(0).to_string()}")
     return split, skipped
