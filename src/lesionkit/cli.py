@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -162,5 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The console script. After Ctrl-C, leave at once: everything the run keeps is already written
+    atomically, and once in four CI runs the interpreter hung at exit after an interrupted fit (a helper
+    thread or exit hook of the training stack; not reproduced since), so a user's Ctrl-C could hang."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
