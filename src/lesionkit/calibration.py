@@ -8,7 +8,6 @@ SHA-256, so that a retrained or resumed ``best.ckpt`` does not inherit a stale T
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from lesionkit import LesionkitError
+from lesionkit.runfolder import file_hash
 
 FILE_NAME = "temperature.json"
 # T between e^-3 and e^3 (0.05..20): beyond that the model is broken, not miscalibrated.
@@ -43,19 +43,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return torch.from_numpy(logits).double().div(temperature).softmax(dim=-1).numpy()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_temperature(checkpoint: Path, temperature: float, details: dict) -> Path:
     """Record T for ``checkpoint`` in ``temperature.json`` beside it (other checkpoints' entries are kept)."""
     path = checkpoint.parent / FILE_NAME
     entries = json.loads(path.read_text()) if path.is_file() else {}
-    entries[checkpoint.name] = {"temperature": temperature, "sha256": _sha256(checkpoint), **details}
+    entries[checkpoint.name] = {"temperature": temperature, "sha256": file_hash(checkpoint, "sha256"), **details}
     path.write_text(json.dumps(entries, indent=2))
     return path
 
@@ -72,7 +64,7 @@ def load_temperature(checkpoint: Path) -> tuple[float | None, str | None]:
         return None, None
     if entry is None:
         return None, None
-    if entry.get("sha256") != _sha256(checkpoint):
+    if entry.get("sha256") != file_hash(checkpoint, "sha256"):
         print(f"warning: {path} was fitted for an earlier {checkpoint.name}; probabilities are left uncalibrated. "
               f"Refit with `lesionkit evaluate --checkpoint {checkpoint} --split-file RUN/split.csv --split val "
               f"--fit-temperature ...`", file=sys.stderr)

@@ -9,7 +9,6 @@ temperature scaling, subgroups, pictures, the data used and every setting.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from lesionkit.loader import ImageDataset, make_loader
 from lesionkit.metrics import ECE_BINS, brier_score, expected_calibration_error
 from lesionkit.plots import report_figures
 from lesionkit.report import build_report, write_predictions, write_report
+from lesionkit.runfolder import file_hash
 from lesionkit.split import PARTS, read_split
 from lesionkit.subgroups import subgroup_metrics
 from lesionkit.tta import VIEW_NAMES, average_probabilities, loader_logits
@@ -117,10 +117,6 @@ def describe_images(frame: pd.DataFrame, classes: list[str], run_dir: Path) -> d
     return out
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
     source = parser.add_argument_group("images: a HAM10000 folder, or --images with --labels")
@@ -159,7 +155,7 @@ def _select(args: argparse.Namespace) -> tuple[pd.DataFrame, str, dict, list[str
                   f"and are not evaluated: {', '.join(folder.unlabelled[:10])}{' ...' if len(folder.unlabelled) > 10 else ''}"
                   " (all listed in the report)", file=sys.stderr)
         data = {"images": str(args.images.resolve()), "labels": str(args.labels.resolve()),
-                "labels_md5": _md5(args.labels), "label_format": folder.label_format}
+                "labels_md5": file_hash(args.labels), "label_format": folder.label_format}
         return folder.usable, args.labels.stem, data, sorted(folder.problems), folder.unlabelled
     if not args.data_dir:
         raise LesionkitError("no images: pass --data-dir (a HAM10000 folder) or --images with --labels")
@@ -173,7 +169,7 @@ def _select(args: argparse.Namespace) -> tuple[pd.DataFrame, str, dict, list[str
             raise LesionkitError(f"{args.split_file} has no '{args.split}' images: choose another --split")
         frame, part = frame[frame["image_id"].isin(chosen)].reset_index(drop=True), args.split
     metadata = args.metadata or next(iter(sorted(args.data_dir.rglob("HAM10000_metadata.csv"))), None)
-    data = {"data_folder": str(args.data_dir.resolve()), "metadata_md5": _md5(metadata) if metadata else None,
+    data = {"data_folder": str(args.data_dir.resolve()), "metadata_md5": file_hash(metadata) if metadata else None,
             "split_file": str(args.split_file.resolve()) if args.split_file else None,
             "part": part}
     return frame, part, data, sorted(dataset.problems), []

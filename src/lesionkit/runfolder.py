@@ -133,6 +133,15 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+def file_hash(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file, read in 1 MiB chunks (checkpoints are tens of MB)."""
+    digest = hashlib.new(algorithm)
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def data_fingerprint(metadata_path: Path, frame: pd.DataFrame) -> dict:
     """What identifies the data: the metadata file's md5, and the md5 of every used image's id and size.
 
@@ -140,7 +149,7 @@ def data_fingerprint(metadata_path: Path, frame: pd.DataFrame) -> dict:
     always changes size.
     """
     listing = "\n".join(f"{i}:{os.stat(p).st_size}" for i, p in sorted(zip(frame["image_id"], frame["path"])))
-    return {"metadata": str(metadata_path), "metadata_md5": hashlib.md5(Path(metadata_path).read_bytes()).hexdigest(),
+    return {"metadata": str(metadata_path), "metadata_md5": file_hash(metadata_path),
             "images": len(frame), "lesions": int(frame["lesion_id"].nunique()),
             "images_md5": hashlib.md5(listing.encode()).hexdigest()}
 

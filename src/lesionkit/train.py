@@ -204,7 +204,7 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     # would redo them all.)
     best_callback = partial(ModelCheckpoint, dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max",
                             enable_version_counter=False, save_on_train_epoch_end=True)
-    best = best_callback()
+    best = None
     for index, phase in enumerate(config.train.phases):
         if index < start:
             continue
@@ -215,7 +215,8 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
             train_loader, val_loader)
         # A fresh checkpoint callback per phase, carrying the best score so far so that 'best' spans phases.
         previous, best = best, best_callback()
-        best.load_state_dict(previous.state_dict())
+        if previous is not None:
+            best.load_state_dict(previous.state_dict())
         last_callback = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False,
                                         save_on_train_epoch_end=True)
         callbacks = [best, last_callback, table, EpochSeed(config.train.seed), LearningRateMonitor("epoch")]
