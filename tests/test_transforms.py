@@ -34,3 +34,20 @@ def test_train_transform_augments_with_the_same_shape():
     assert all(o.shape == (3, 180, 240) for o in outs)
     assert not torch.equal(outs[0], outs[1])
     assert torch.equal(train_transform(PRE, AugmentConfig(enabled=False))(image), eval_transform(PRE)(image))
+
+
+def test_one_pass_normalisation_is_torchvisions():
+    import numpy as np
+    from torchvision.transforms import v2
+
+    from lesionkit.transforms import ToNormalizedTensor
+
+    pixels = np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    torchvision = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    expected = torchvision(Image.fromarray(pixels))
+    ours = ToNormalizedTensor(mean, std)
+    for image in (Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)):
+        out = ours(image)
+        assert out.is_contiguous() and out.dtype == torch.float32
+        assert torch.allclose(out, expected, atol=1e-5)
