@@ -8,12 +8,15 @@ convolutions and BatchNorm, no Python between layers); ``lesionkit benchmark`` m
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same_arg
 
 from lesionkit import LesionkitError, __version__
 from lesionkit.transforms import Preprocessing, eval_transform
@@ -24,6 +27,37 @@ METADATA_KEY = "lesionkit"
 OPSET = 17
 
 
+def static_same_padding(model: torch.nn.Module, height: int, width: int) -> torch.nn.Module:
+    """A copy of ``model`` whose TensorFlow-style "same" convolutions pad by constants worked out for
+    ``height`` x ``width`` inputs.
+
+    timm's ``Conv2dSame`` (the ``tf_`` EfficientNets' strided convolutions) computes its padding from the
+    input's shape on every call. Exported as it is, that becomes shape arithmetic and a ``Pad`` that
+    onnxruntime runs outside its blocked convolution layout; with constant pads it folds each ``Pad`` into
+    its convolution. The export's spatial size is fixed anyway, so the numbers do not change.
+    """
+    model = copy.deepcopy(model)
+    sizes = {}
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        sizes[module] = tuple(args[0].shape[-2:])
+    hooks = [module.register_forward_pre_hook(record) for module in model.modules() if isinstance(module, Conv2dSame)]
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, height, width))
+    for hook in hooks:
+        hook.remove()
+    for name, module in list(model.named_modules()):
+        if module not in sizes:
+            continue
+        conv = torch.nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
+                               module.dilation, module.groups, module.bias is not None)
+        conv.load_state_dict(module.state_dict())
+        pads = pad_same_arg(sizes[module], module.kernel_size, module.stride, module.dilation)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, torch.nn.Sequential(torch.nn.ZeroPad2d(pads), conv))
+    return model
+
+
 def export_model(model: torch.nn.Module, pre: Preprocessing, meta: dict, out: Path) -> Path:
     """Write ``model`` (eval mode, on the CPU) to ``out`` with a dynamic batch axis and ``meta`` as metadata."""
     try:
@@ -31,7 +65,7 @@ def export_model(model: torch.nn.Module, pre: Preprocessing, meta: dict, out: Pa
     except ImportError:
         raise LesionkitError("exporting to ONNX needs the onnx package: pip install onnx") from None
 
-    model = model.to(memory_format=torch.contiguous_format).eval()
+    model = static_same_padding(model.to(memory_format=torch.contiguous_format).eval(), pre.height, pre.width)
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer warnings
