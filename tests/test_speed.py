@@ -179,6 +179,32 @@ def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsy
         assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4
 
 
+def test_export_pads_same_convolutions_by_constants(tmp_path):
+    """tf_ EfficientNets pad their strided convolutions from the input's shape; the export fixes those pads for
+    its input size, so the graph holds no shape arithmetic, onnxruntime folds every pad into its convolution,
+    and the logits are PyTorch's."""
+    import onnx
+    import onnxruntime as ort
+
+    from lesionkit.export import OnnxClassifier, compare_model, export_model
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="tf_efficientnet_lite0", weights="none"), 7).eval()
+    pre = Preprocessing(96, 128, (0.5,) * 3, (0.5,) * 3)
+    meta = {"model_name": "tf_efficientnet_lite0", "classes": ["a", "b"], "preprocessing": pre.to_dict()}
+    path = export_model(model, pre, meta, tmp_path / "model.onnx")
+    assert not {node.op_type for node in onnx.load(str(path)).graph.node} & {"Shape", "Ceil"}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    operators = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "Conv" in operators and "Pad" not in operators
+    assert any(isinstance(m, Conv2dSame) for m in model.modules()), "the caller's model is left as it was"
+    served = OnnxClassifier(path)
+    assert compare_model(model, served, torch.randn(3, 3, 96, 128)) <= 1e-4
+
+
 def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "lesionkit.cli", "benchmark", "--quick", "--json", "--model",
@@ -193,6 +219,8 @@ def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
     assert 0 <= figures["loader"]["wait_share"] <= 1
     assert figures["onnx"]["max_abs_difference"] <= 1e-4
     assert figures["evaluation"]["images_per_s"] > 0 and figures["memory"]["peak_rss_mb"] > 0
+    full = figures["training"]["full_vs_timm"]
+    assert full["images_per_s"] > 0 and full["timm_train_py_images_per_s"] > 0 and full["size"] == [64, 64]
 
 
 @pytest.mark.parametrize("command", ["export", "benchmark"])
