@@ -53,25 +53,18 @@ def evaluate_frame(checkpoint: Path, frame: pd.DataFrame, out_dir: Path, *, titl
                          workers=workers)
     logits = loader_logits(classifier, loader, tta)  # (images, views, classes)
     labels = np.array([classifier.classes.index(d) for d in frame["dx"]])
-    temperature, source = (classifier.temperature, classifier.temperature_source) if classifier.temperature_source \
-        else (None, None)
     if fit_temperature_here:
-        temperature = fit_temperature(logits[:, 0], labels)  # on the plain view: T must not depend on --tta
-        source = str(save_temperature(checkpoint, temperature, {
-            "fitted_on": title, "images": len(labels), "nll_before": nll(logits[:, 0], labels),
-            "nll_after": nll(logits[:, 0], labels, temperature)}))
-        print(f"Temperature {temperature:.4f} fitted on {len(labels)} images; saved in {source}")
+        temperature, source = fit_and_save_temperature(checkpoint, logits, labels, title)
+    else:
+        temperature, source = (classifier.temperature, classifier.temperature_source) \
+            if classifier.temperature_source else (None, None)
     raw = average_probabilities(logits)
     calibrated = average_probabilities(logits, temperature) if temperature else None
     probabilities = raw if calibrated is None else calibrated
 
     report = build_report(labels, probabilities, classifier.classes)
-    both = {"before": raw, "after": calibrated}
-    report["ece"] = {k: None if p is None else expected_calibration_error(labels, p) for k, p in both.items()}
-    report["brier"] = {k: None if p is None else brier_score(labels, p) for k, p in both.items()}
-    bins = {k: reliability_bins(labels, p, ECE_BINS) for k, p in both.items() if p is not None}
-    report["calibration"] = {"temperature": temperature, "source": source, "fitted_here": fit_temperature_here,
-                             "n_bins": ECE_BINS, "reliability": bins}
+    report.update(calibration_section(labels, {"before": raw, "after": calibrated}, temperature, source,
+                                      fit_temperature_here))
     lesions_known = "lesion_id" in frame and frame["lesion_id"].notna().all()
     groups = (frame["lesion_id"] if lesions_known else frame["image_id"]).to_numpy()
     if bootstrap:
@@ -80,6 +73,7 @@ def evaluate_frame(checkpoint: Path, frame: pd.DataFrame, out_dir: Path, *, titl
     report["subgroups"] = subgroup_metrics(frame, labels, probabilities, classifier.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = checkpoint.resolve().parent.parent
+    bins = report["calibration"]["reliability"]
     report["figures"] = report_figures(
         out_dir, labels, probabilities, classifier.classes,
         {f"{k} temperature scaling (ECE {100 * report['ece'][k]:.1f}%)": b for k, b in bins.items()},
@@ -98,6 +92,32 @@ def evaluate_frame(checkpoint: Path, frame: pd.DataFrame, out_dir: Path, *, titl
     write_report(report, out_dir, title)
     write_predictions(frame, probabilities, classifier.classes, out_dir / "predictions.csv")
     return report
+
+
+def fit_and_save_temperature(checkpoint: Path, logits: np.ndarray, labels: np.ndarray, title: str
+                             ) -> tuple[float, str]:
+    """Fit T on the plain view of ``logits`` (T must not depend on --tta), save it beside ``checkpoint``;
+    return T and the file it went to."""
+    plain = logits[:, 0]
+    temperature = fit_temperature(plain, labels)
+    source = save_temperature(checkpoint, temperature, {
+        "fitted_on": title, "images": len(labels), "nll_before": nll(plain, labels),
+        "nll_after": nll(plain, labels, temperature)})
+    print(f"Temperature {temperature:.4f} fitted on {len(labels)} images; saved in {source}")
+    return temperature, str(source)
+
+
+def calibration_section(labels: np.ndarray, probabilities: dict[str, np.ndarray | None], temperature: float | None,
+                        source: str | None, fitted_here: bool) -> dict:
+    """ECE, Brier score and reliability bins ``before`` and ``after`` temperature scaling (None without T)."""
+    present = {k: p for k, p in probabilities.items() if p is not None}
+    return {
+        "ece": {k: expected_calibration_error(labels, p) if k in present else None for k, p in probabilities.items()},
+        "brier": {k: brier_score(labels, p) if k in present else None for k, p in probabilities.items()},
+        "calibration": {"temperature": temperature, "source": source, "fitted_here": fitted_here,
+                        "n_bins": ECE_BINS,
+                        "reliability": {k: reliability_bins(labels, p, ECE_BINS) for k, p in present.items()}},
+    }
 
 
 def describe_images(frame: pd.DataFrame, classes: list[str], run_dir: Path) -> dict:

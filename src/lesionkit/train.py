@@ -12,7 +12,6 @@ import csv
 import signal
 import warnings
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -27,7 +26,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from lesionkit import CLASSES, LesionkitError
 from lesionkit.checkpoints import AtomicCheckpointIO, EpochSeed, check_compatible, load_checkpoint
-from lesionkit.config import Config, TrainConfig, save_config
+from lesionkit.config import Config, PhaseConfig, TrainConfig, save_config
 from lesionkit.data import find_metadata, limit_per_class, load_dataset, refuse_problems, summary
 from lesionkit.evaluate import evaluate_frame
 from lesionkit.cache import build_cache
@@ -161,14 +160,45 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     # Both are expected here: frozen BatchNorms sit in eval mode on purpose, and phases share one folder.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+    last = out / "checkpoints" / "last.ckpt"
     resume_from = load_checkpoint(last) if prepare_out_dir(out, resume) else None
     if resume_from is not None:
         check_compatible(resume_from, last, config.model.name, list(CLASSES))
-    resuming = resume_from is not None
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     split, skipped = prepare_data(config, out, resume)
+    record_run(config, out, split, resume)
+    parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
+    module, pre = build_module(config, parts["train"], resumed=resume_from is not None)
+    cache = build_cache(split, pre, config.data.cache_dir) if config.data.cache else None
+    workers, batch = config.data.num_workers, config.data.batch_size
+    train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache),
+                               batch, train=True, workers=workers)
+    val_loader = make_loader(ImageDataset.from_frame(parts["val"], eval_transform(pre), cache), batch, train=False,
+                             workers=workers)
+
+    start = resume_from.get("lesionkit", {}).get("phase_index", 0) if resume_from else 0
+    # metrics.csv is rewritten from the rows the checkpoint carries: epochs after it are dropped, to be re-run.
+    table = EpochTable(out / "metrics.csv",
+                       resume_from.get("callbacks", {}).get("EpochTable", {}).get("rows") if resume_from else [])
+    best = None
+    for index, phase in enumerate(config.train.phases[start:], start):
+        print(f"Phase {index + 1}/{len(config.train.phases)} '{phase.name}': {phase.epochs} epoch(s) at lr "
+              f"{phase.lr:g}, training {'everything' if phase.unfreeze == -1 else f'the top {phase.unfreeze} layer group(s) and the head'}")
+        module.set_phase(index)
+        loaders = feature_loaders(module.model, train_loader, val_loader) if phase.cache_features else (
+            train_loader, val_loader)
+        best = best_checkpoint(out, best)
+        trainer = phase_trainer(config, out, phase, [best, table], log_every=min(10, len(train_loader)))
+        resumed_here = resume_from is not None and index == start
+        fit(trainer, module, loaders, last if resumed_here else None)
+
+    if not trainer.is_global_zero:  # with several GPUs, one process writes the report
+        return {}
+    return report_runs(out, parts, skipped, batch, workers, cache)
+
+
+def record_run(config: Config, out: Path, split: pd.DataFrame, resume: bool) -> None:
+    """``config.yaml`` (a new run's only: a resumed one keeps its own) and ``provenance.json``."""
     if not resume:
         save_config(config, out / "config.yaml")
     if rank_zero_only.rank == 0:
@@ -176,77 +206,70 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
         write_provenance(out, seed=config.train.seed, split_seed=config.split.seed,
                          data=data_fingerprint(metadata, split), resume=resume)
 
+
+def build_module(config: Config, train_part: pd.DataFrame, resumed: bool) -> tuple[LesionClassifier, Preprocessing]:
+    """The Lightning module around a new network, with class weights from ``train_part``, and the network's
+    preprocessing."""
     # A resumed run overwrites every weight from its checkpoint: no need to fetch the pretrained ones again.
-    model = create_model(replace(config.model, weights="none") if resuming else config.model, len(CLASSES))
+    model = create_model(replace(config.model, weights="none") if resumed else config.model, len(CLASSES))
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), config.data.image_size)
-    parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
-    weights = class_weights(np.array([CLASSES.index(d) for d in parts["train"]["dx"]]), config.train.class_weights)
+    weights = class_weights(np.array([CLASSES.index(d) for d in train_part["dx"]]), config.train.class_weights)
     meta = {"model_name": config.model.name, "classes": list(CLASSES), "preprocessing": pre.to_dict(),
             "config": config.to_dict()}
     module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing)
     if config.train.compile:
         module.model.compile()  # in place: the state_dict keeps its names, so checkpoints load as ever
+    return module, pre
 
-    workers, batch = config.data.num_workers, config.data.batch_size
-    cache = build_cache(split, pre, config.data.cache_dir) if config.data.cache else None
-    train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache),
-                               batch, train=True, workers=workers)
-    val_loader = make_loader(ImageDataset.from_frame(parts["val"], eval_transform(pre), cache), batch, train=False,
-                             workers=workers)
 
-    start = resume_from.get("lesionkit", {}).get("phase_index", 0) if resuming else 0
-    # metrics.csv is rewritten from the rows the checkpoint carries: epochs after it are dropped, to be re-run.
-    table = EpochTable(out / "metrics.csv",
-                       resume_from.get("callbacks", {}).get("EpochTable", {}).get("rows") if resuming else [])
-    # 'best' keeps the best validation balanced accuracy; 'last' is written at every epoch's end, after
-    # EpochTable's row and after 'best' has scored the epoch, so it carries both. (ModelCheckpoint's own
-    # save_last writes only when a top-k file was written: a run stopped after epochs without progress
-    # would redo them all.)
-    best_callback = partial(ModelCheckpoint, dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="max",
-                            enable_version_counter=False, save_on_train_epoch_end=True)
-    best = None
-    for index, phase in enumerate(config.train.phases):
-        if index < start:
-            continue
-        print(f"Phase {index + 1}/{len(config.train.phases)} '{phase.name}': {phase.epochs} epoch(s) at lr "
-              f"{phase.lr:g}, training {'everything' if phase.unfreeze == -1 else f'the top {phase.unfreeze} layer group(s) and the head'}")
-        module.set_phase(index)
-        loaders = feature_loaders(module.model, train_loader, val_loader) if phase.cache_features else (
-            train_loader, val_loader)
-        # A fresh checkpoint callback per phase, carrying the best score so far so that 'best' spans phases.
-        previous, best = best, best_callback()
-        if previous is not None:
-            best.load_state_dict(previous.state_dict())
-        last_callback = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False,
-                                        save_on_train_epoch_end=True)
-        callbacks = [best, last_callback, table, EpochSeed(config.train.seed), LearningRateMonitor("epoch")]
-        if phase.patience:
-            callbacks.append(EarlyStopping(MONITOR, mode="max", patience=phase.patience))
-        resumed = resuming and index == start
-        version, attempt = phase.name, 1
-        while (out / "logs" / "csv" / version).exists():  # a resumed run keeps every interrupted attempt's logs
-            version, attempt = f"{phase.name}-resumed{attempt if attempt > 1 else ''}", attempt + 1
-        trainer = L.Trainer(
-            max_epochs=phase.epochs, accelerator=config.train.accelerator, devices=config.train.devices,
-            num_nodes=config.train.num_nodes, strategy=config.train.strategy,
-            precision=resolve_precision(config.train), callbacks=callbacks, default_root_dir=out,
-            plugins=[AtomicCheckpointIO()],
-            logger=[CSVLogger(out / "logs", name="csv", version=version),
-                    TensorBoardLogger(out / "logs", name="tensorboard", version=version)],
-            log_every_n_steps=min(10, len(train_loader)), num_sanity_val_steps=0)
-        try:
-            trainer.fit(module, *loaders, ckpt_path=last if resumed else None, weights_only=True)
-        except SystemExit:
-            # Lightning answers Ctrl-C by stopping cleanly and calling sys.exit(1), after setting SIGINT to be
-            # ignored; give the interrupt back to the caller, which says how to resume.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            if trainer.interrupted:
-                raise KeyboardInterrupt from None
-            raise
+def best_checkpoint(out: Path, previous: ModelCheckpoint | None) -> ModelCheckpoint:
+    """A fresh 'best' callback for the next phase, carrying the best score so far so that 'best' spans phases."""
+    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max",
+                           enable_version_counter=False, save_on_train_epoch_end=True)
+    if previous is not None:
+        best.load_state_dict(previous.state_dict())
+    return best
 
-    if not trainer.is_global_zero:  # with several GPUs, one process writes the report
-        return {}
-    return report_runs(out, parts, skipped, batch, workers, cache)
+
+def phase_trainer(config: Config, out: Path, phase: PhaseConfig, callbacks: list[Callback], log_every: int
+                  ) -> L.Trainer:
+    """The Lightning trainer of one phase, logging under ``out/logs/*/<phase>`` (``<phase>-resumed``, ... after
+    an interruption, so that every attempt's logs stay).
+
+    ``callbacks`` come first ('best' and the epoch table); 'last' follows them, so that it is written at every
+    epoch's end after the table's row and after 'best' has scored the epoch, and carries both. (ModelCheckpoint's
+    own save_last writes only when a top-k file was written: a run stopped after epochs without progress would
+    redo them all.)
+    """
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", enable_version_counter=False,
+                           save_on_train_epoch_end=True)
+    callbacks = [*callbacks, last, EpochSeed(config.train.seed), LearningRateMonitor("epoch")]
+    if phase.patience:
+        callbacks.append(EarlyStopping(MONITOR, mode="max", patience=phase.patience))
+    version, attempt = phase.name, 1
+    while (out / "logs" / "csv" / version).exists():
+        version, attempt = f"{phase.name}-resumed{attempt if attempt > 1 else ''}", attempt + 1
+    return L.Trainer(
+        max_epochs=phase.epochs, accelerator=config.train.accelerator, devices=config.train.devices,
+        num_nodes=config.train.num_nodes, strategy=config.train.strategy,
+        precision=resolve_precision(config.train), callbacks=callbacks, default_root_dir=out,
+        plugins=[AtomicCheckpointIO()],
+        logger=[CSVLogger(out / "logs", name="csv", version=version),
+                TensorBoardLogger(out / "logs", name="tensorboard", version=version)],
+        log_every_n_steps=log_every, num_sanity_val_steps=0)
+
+
+def fit(trainer: L.Trainer, module: LesionClassifier, loaders: tuple, checkpoint: Path | None) -> None:
+    """``trainer.fit``, from ``checkpoint`` when given; Ctrl-C comes back as KeyboardInterrupt."""
+    try:
+        trainer.fit(module, *loaders, ckpt_path=checkpoint, weights_only=True)
+    except SystemExit:
+        # Lightning answers Ctrl-C by stopping cleanly and calling sys.exit(1), after setting SIGINT to be
+        # ignored; give the interrupt back to the caller, which says how to resume.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def report_runs(out: Path, parts: dict[str, pd.DataFrame], skipped: list[str], batch: int,
