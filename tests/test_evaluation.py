@@ -138,3 +138,16 @@ def test_help_for_every_new_flag(capsys):
         out = capsys.readouterr().out
         assert exit_.value.code == 0 and out.startswith(f"usage: lesionkit {command}")
         assert all(flag in out for flag in flags), out
+
+
+def test_data_section_counts_a_class_missing_from_a_part_as_zero(tmp_path):
+    """A small run can leave a class out of validation; its report still counts every part."""
+    from lesionkit.evaluate import describe_images
+
+    (tmp_path / "checkpoints").mkdir()
+    pd.DataFrame({"image_id": ["a", "b", "c"], "lesion_id": ["l1", "l2", "l3"], "dx": ["nv", "mel", "nv"],
+                  "split": ["train", "train", "val"]}).to_csv(tmp_path / "split.csv", index=False)
+    frame = pd.DataFrame({"dx": ["nv"], "path": [str(write_image(tmp_path / "c.jpg", seed=1))]})
+    data = describe_images(frame, list(CLASSES), tmp_path)
+    assert data["training_run_split"]["val"]["mel"] == 0 and data["training_run_split"]["val"]["nv"] == 1
+    assert data["training_run_split"]["train"]["mel"] == 1 and data["images_per_class"]["evaluated"]["nv"] == 1

@@ -126,9 +126,9 @@ def describe_images(frame: pd.DataFrame, classes: list[str], run_dir: Path) -> d
     out = {"images_per_class": {"evaluated": {c: int(counts.get(c, 0)) for c in classes}}}
     if (run_dir / "split.csv").is_file():
         split = pd.read_csv(run_dir / "split.csv", dtype=str)
-        table = split.pivot_table(index="dx", columns="split", values="image_id", aggfunc="size")
-        out["training_run_split"] = {p: {c: int(table[p].get(c, 0) or 0) for c in classes}
-                                     for p in PARTS if p in table}
+        # A class absent from a part is a gap (NaN) in the pivot table: a count of 0.
+        table = split.pivot_table(index="dx", columns="split", values="image_id", aggfunc="size").fillna(0)
+        out["training_run_split"] = {p: {c: int(table[p].get(c, 0)) for c in classes} for p in PARTS if p in table}
     sizes = Counter()
     for path in frame["path"]:
         with Image.open(path) as image:  # reads the header only
