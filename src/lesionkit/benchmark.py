@@ -346,8 +346,7 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
     torch.manual_seed(0)
     model = create_model(ModelConfig(name=model_name, weights="none"), 7)  # weights do not change speed
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), [64, 88] if quick else None)
-    meta = {"model_name": model_name, "classes": list(CLASSES),
-            "preprocessing": pre.to_dict(), "temperature": 1.0}
+    meta = {"model_name": model_name, "classes": list(CLASSES), "preprocessing": pre.to_dict(), "temperature": 1.0}
     model = model.to(device, memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory(prefix="lesionkit-benchmark-") as tmp:
         tmp = Path(tmp)
@@ -368,8 +367,9 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
         evaluation, onnx = bench_inference(model, pre, meta, 4 if quick else batch_size, steps, device, tmp)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
             f"threads)", "model": model_name, "input": [pre.height, pre.width], "data_source": source,
-            "quick": quick, "torch": torch.__version__, "environment": threading_environment(), "cache": data, "training": training, "loader": wait,
-            "evaluation": evaluation, "onnx": onnx, "memory": memory(device), "targets": TARGETS}
+            "quick": quick, "torch": torch.__version__, "environment": threading_environment(), "cache": data,
+            "training": training, "loader": wait, "evaluation": evaluation, "onnx": onnx, "memory": memory(device),
+            "targets": TARGETS}
 
 
 def table(result: dict) -> str:
