@@ -20,7 +20,7 @@ from PIL import Image
 from lesionkit import LesionkitError
 from lesionkit.bootstrap import BootstrapSettings, intervals
 from lesionkit.calibration import fit_temperature, nll, reliability_bins, save_temperature
-from lesionkit.data import load_dataset, refuse_problems
+from lesionkit.data import find_metadata, load_dataset, refuse_problems
 from lesionkit.inference import Classifier
 from lesionkit.labels import load_labelled_folder
 from lesionkit.loader import ImageDataset, make_loader
@@ -110,13 +110,12 @@ def fit_and_save_temperature(checkpoint: Path, logits: np.ndarray, labels: np.nd
 def calibration_section(labels: np.ndarray, probabilities: dict[str, np.ndarray | None], temperature: float | None,
                         source: str | None, fitted_here: bool) -> dict:
     """ECE, Brier score and reliability bins ``before`` and ``after`` temperature scaling (None without T)."""
-    present = {k: p for k, p in probabilities.items() if p is not None}
     return {
-        "ece": {k: expected_calibration_error(labels, p) if k in present else None for k, p in probabilities.items()},
-        "brier": {k: brier_score(labels, p) if k in present else None for k, p in probabilities.items()},
-        "calibration": {"temperature": temperature, "source": source, "fitted_here": fitted_here,
-                        "n_bins": ECE_BINS,
-                        "reliability": {k: reliability_bins(labels, p, ECE_BINS) for k, p in present.items()}},
+        "ece": {k: None if p is None else expected_calibration_error(labels, p) for k, p in probabilities.items()},
+        "brier": {k: None if p is None else brier_score(labels, p) for k, p in probabilities.items()},
+        "calibration": {"temperature": temperature, "source": source, "fitted_here": fitted_here, "n_bins": ECE_BINS,
+                        "reliability": {k: reliability_bins(labels, p, ECE_BINS) for k, p in probabilities.items()
+                                        if p is not None}},
     }
 
 
@@ -188,8 +187,8 @@ def _select(args: argparse.Namespace) -> tuple[pd.DataFrame, str, dict, list[str
         if chosen.empty:
             raise LesionkitError(f"{args.split_file} has no '{args.split}' images: choose another --split")
         frame, part = frame[frame["image_id"].isin(chosen)].reset_index(drop=True), args.split
-    metadata = args.metadata or next(iter(sorted(args.data_dir.rglob("HAM10000_metadata.csv"))), None)
-    data = {"data_folder": str(args.data_dir.resolve()), "metadata_md5": file_hash(metadata) if metadata else None,
+    metadata = args.metadata or find_metadata(args.data_dir)  # load_dataset found it already
+    data = {"data_folder": str(args.data_dir.resolve()), "metadata_md5": file_hash(metadata),
             "split_file": str(args.split_file.resolve()) if args.split_file else None,
             "part": part}
     return frame, part, data, sorted(dataset.problems), []

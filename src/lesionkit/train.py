@@ -25,11 +25,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from sklearn.utils.class_weight import compute_class_weight
 
 from lesionkit import CLASSES, LesionkitError
+from lesionkit.cache import build_cache
 from lesionkit.checkpoints import AtomicCheckpointIO, EpochSeed, check_compatible, load_checkpoint
 from lesionkit.config import Config, PhaseConfig, TrainConfig, save_config
 from lesionkit.data import find_metadata, limit_per_class, load_dataset, refuse_problems, summary
 from lesionkit.evaluate import evaluate_frame
-from lesionkit.cache import build_cache
 from lesionkit.features import feature_loaders
 from lesionkit.loader import ImageDataset, make_loader
 from lesionkit.model import create_model
