@@ -43,7 +43,8 @@ class DataConfig:
 
     def __post_init__(self):
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 16):
-            raise LesionkitError(f"data.image_size must be [height, width] of at least 16 px each, got {self.image_size}")
+            raise LesionkitError(f"data.image_size must be [height, width] of at least 16 px each, "
+                                 f"got {self.image_size}")
         _positive("data.batch_size", self.batch_size)
         if self.per_class_limit is not None:
             _positive("data.per_class_limit", self.per_class_limit)

@@ -125,7 +125,8 @@ def read_metadata(path: Path) -> pd.DataFrame:
     if len(unknown):
         labels = sorted(set(frame.loc[unknown, "dx"]))
         raise LesionkitError(
-            f"{path}: unknown label(s) {', '.join(labels)} on row(s) {_rows(unknown)}; dx must be one of {', '.join(CLASSES)}")
+            f"{path}: unknown label(s) {', '.join(labels)} on row(s) {_rows(unknown)}; "
+            f"dx must be one of {', '.join(CLASSES)}")
     duplicated = frame["image_id"][frame["image_id"].duplicated()].unique()
     if len(duplicated):
         raise LesionkitError(

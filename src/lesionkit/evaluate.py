@@ -170,9 +170,9 @@ def _select(args: argparse.Namespace) -> tuple[pd.DataFrame, str, dict, list[str
         folder = load_labelled_folder(args.images, args.labels)
         refuse_problems(folder, args.allow_missing)
         if folder.unlabelled:
+            shown = ", ".join(folder.unlabelled[:10]) + (" ..." if len(folder.unlabelled) > 10 else "")
             print(f"warning: {len(folder.unlabelled)} image(s) under {args.images} have no label in {args.labels} "
-                  f"and are not evaluated: {', '.join(folder.unlabelled[:10])}{' ...' if len(folder.unlabelled) > 10 else ''}"
-                  " (all listed in the report)", file=sys.stderr)
+                  f"and are not evaluated: {shown} (all listed in the report)", file=sys.stderr)
         data = {"images": str(args.images.resolve()), "labels": str(args.labels.resolve()),
                 "labels_md5": file_hash(args.labels), "label_format": folder.label_format}
         return folder.usable, args.labels.stem, data, sorted(folder.problems), folder.unlabelled

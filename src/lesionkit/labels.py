@@ -89,7 +89,7 @@ def load_labelled_folder(images: Path, labels: Path, workers: int = 8) -> Labell
     problems = {i: "missing: no image file with this id" for i in frame.loc[frame["path"].isna(), "image_id"]}
     present = frame.dropna(subset=["path"])
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        problems.update({i: v for i, v in zip(present["image_id"], pool.map(check_decodable, map(Path, present["path"])))
-                         if v})
+        verdicts = pool.map(check_decodable, map(Path, present["path"]))
+        problems.update({i: v for i, v in zip(present["image_id"], verdicts) if v})
     unlabelled = sorted(set(found) - set(frame["image_id"]))
     return LabelledFolder(frame, problems, unlabelled, kind)

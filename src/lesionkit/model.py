@@ -25,8 +25,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         raise
     except OSError as err:  # hub download without network
         raise LesionkitError(
-            f"could not fetch the pretrained weights of {cfg.name} from the hub ({err}). Offline, use "
-            f"--weights lite1 with model tf_efficientnet_lite1 (configs/lite1-offline.yaml) or --weights FILE") from None
+            f"could not fetch the pretrained weights of {cfg.name} from the hub ({err}). Offline, use --weights "
+            f"lite1 with model tf_efficientnet_lite1 (configs/lite1-offline.yaml) or --weights FILE") from None
     # timm initialises a classifier at the scale of 1/sqrt(num_classes), right for 1000 classes; for 7 it
     # starts with logits in the tens (loss ~11). Near-zero weights start at uniform predictions (loss ln 7).
     classifier = model.get_classifier()

@@ -97,7 +97,8 @@ def render_markdown(report: dict, title: str) -> str:
                      for name, c in report["per_class"].items()])
     classes = report["confusion_matrix"]["classes"]
     lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
-    lines += _table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, report["confusion_matrix"]["matrix"])])
+    matrix = report["confusion_matrix"]["matrix"]
+    lines += _table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, matrix)])
     for name, caption in report.get("figures", {}).items():
         lines += ["", f"![{caption}]({name})"]
     lines += _subgroups(report.get("subgroups", {}))
@@ -115,7 +116,8 @@ def _subgroups(subgroups: dict) -> list[str]:
     lines = []
     for column, groups in subgroups.items():
         lines += ["", f"## By {column.replace('_', ' ')}", ""]
-        lines += _table(["group", "images", "lesions", "balanced accuracy", "melanoma sensitivity", "accuracy", "status"],
+        header = ["group", "images", "lesions", "balanced accuracy", "melanoma sensitivity", "accuracy", "status"]
+        lines += _table(header,
                         [[g, m["images"], m["lesions"], _pct(m["balanced_accuracy"]), _pct(m["melanoma_sensitivity"]),
                           _pct(m["accuracy"]), m["status"]] for g, m in groups.items()])
     return lines

@@ -26,7 +26,8 @@ def _hold_out(frame: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
     lesions = frame["lesion_id"].nunique()
     if lesions < n_splits:
         raise LesionkitError(f"only {lesions} lesion(s) to split: holding out {fraction:.0%} needs at least "
-                             f"{n_splits}; use more lesions (data.per_class_limit) or a larger split.val_fraction / split.test_fraction")
+                             f"{n_splits}; use more lesions (data.per_class_limit) or a larger "
+                             f"split.val_fraction / split.test_fraction")
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     _, held = next(folds.split(frame, frame["dx"], groups=frame["lesion_id"]))
     mask = np.zeros(len(frame), dtype=bool)

@@ -182,8 +182,9 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
                        resume_from.get("callbacks", {}).get("EpochTable", {}).get("rows") if resume_from else [])
     best = None
     for index, phase in enumerate(config.train.phases[start:], start):
+        trains = "everything" if phase.unfreeze == -1 else f"the top {phase.unfreeze} layer group(s) and the head"
         print(f"Phase {index + 1}/{len(config.train.phases)} '{phase.name}': {phase.epochs} epoch(s) at lr "
-              f"{phase.lr:g}, training {'everything' if phase.unfreeze == -1 else f'the top {phase.unfreeze} layer group(s) and the head'}")
+              f"{phase.lr:g}, training {trains}")
         module.set_phase(index)
         loaders = feature_loaders(module.model, train_loader, val_loader) if phase.cache_features else (
             train_loader, val_loader)
