@@ -18,6 +18,7 @@ from lesionkit.config import ModelConfig, load_config
 from lesionkit.features import head_logits
 from lesionkit.loader import ImageDataset
 from lesionkit.model import create_model, freeze_batchnorm_stats, set_trainable
+from lesionkit.module import adamw
 from lesionkit.transforms import Preprocessing, eval_transform, train_transform
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -101,7 +102,7 @@ def test_frozen_layers_give_the_naive_result_with_less_work(unfreeze):
                 p.requires_grad = True
         model.train()
         freeze_batchnorm_stats(model, everywhere=True)
-        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        optimizer = adamw(trainable, lr=1e-3)
         loss = torch.nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()

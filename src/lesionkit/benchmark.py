@@ -39,7 +39,7 @@ from lesionkit.config import AugmentConfig, ModelConfig, PhaseConfig, TrainConfi
 from lesionkit.data import load_dataset
 from lesionkit.loader import ImageDataset, make_loader
 from lesionkit.model import create_model, freeze_batchnorm_stats, set_trainable
-from lesionkit.module import LesionClassifier
+from lesionkit.module import LesionClassifier, adamw
 from lesionkit.train import resolve_precision
 from lesionkit.transforms import Preprocessing, eval_transform, train_transform
 
@@ -113,7 +113,7 @@ def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch
         model.train()
         freeze_batchnorm_stats(model, everywhere=True)
     prepare()
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = adamw(trainable, lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ def bench_training(model: torch.nn.Module, size: tuple[int, int], batch_size: in
         features = model.eval().forward_head(model.forward_features(images), pre_logits=True).float()
     features = features.clone()
     model.train()
-    head = torch.optim.AdamW(model.get_classifier().parameters(), lr=1e-3)
+    head = adamw(model.get_classifier().parameters(), lr=1e-3)
 
     def feature_step():
         head.zero_grad(set_to_none=True)
@@ -393,8 +393,8 @@ def table(result: dict) -> str:
         f"frozen phase     {t['frozen']['images_per_s']:8.1f} img/s   naive {t['frozen']['naive_images_per_s']:8.1f} "
         f"img/s   {verdict(t['frozen']['ratio'], 'frozen')}",
         f"  on stored features {t['frozen']['cached_features_images_per_s']:8.0f} img/s (cache_features: true)",
-        f"fine-tune phase  {t['finetune']['images_per_s']:8.1f} img/s   naive {t['finetune']['naive_images_per_s']:8.1f}"
-        f" img/s   {verdict(t['finetune']['ratio'], 'finetune')}",
+        f"fine-tune phase  {t['finetune']['images_per_s']:8.1f} img/s   "
+        f"naive {t['finetune']['naive_images_per_s']:8.1f} img/s   {verdict(t['finetune']['ratio'], 'finetune')}",
         f"full network     {t['full']['images_per_s']:8.1f} img/s (BatchNorm statistics frozen, random batch)",
         f"  real images at {f['size'][0]}x{f['size'][1]}, batch {f['batch_size']}, BatchNorm updating: lesionkit "
         f"{f['images_per_s']:.1f} img/s   timm train.py way {f['timm_train_py_images_per_s']:.1f} img/s   "
