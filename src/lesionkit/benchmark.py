@@ -265,6 +265,16 @@ def timm_full_network(model_name: str, dataset: ImageDataset, batch_size: int, s
     return images / (time.perf_counter() - start)
 
 
+def training_data(frame: pd.DataFrame, model_name: str, size: int, cache_dir: Path
+                  ) -> tuple[Preprocessing, ImageDataset]:
+    """``frame``'s images as ``lesionkit train`` feeds ``model_name`` at ``size`` x ``size``: from the image cache
+    (built in ``cache_dir``), through the training augmentation."""
+    data_config = timm.data.resolve_model_data_config(timm.create_model(model_name, pretrained=False))
+    pre = Preprocessing.from_model_config(data_config, [size, size])
+    cache = build_cache(frame, pre, cache_dir, progress=False)
+    return pre, ImageDataset.from_frame(frame, train_transform(pre, AugmentConfig()), cache)
+
+
 def bench_full_network(frame: pd.DataFrame, model_name: str, size: int, batch_size: int, steps: int,
                        cache_dir: Path, device: torch.device) -> dict:
     """Training the whole network on the same real images at ``size`` x ``size``, BatchNorm statistics updating,
@@ -273,12 +283,9 @@ def bench_full_network(frame: pd.DataFrame, model_name: str, size: int, batch_si
     random resized crop, flip, colour jitter). Three rounds in alternating order, the best of each side kept:
     the two differ by less than this machine's swings from one round to the next."""
     batch_size = min(batch_size, len(frame))
-    data_config = timm.data.resolve_model_data_config(timm.create_model(model_name, pretrained=False))
-    pre = Preprocessing.from_model_config(data_config, [size, size])
-    ours = ImageDataset.from_frame(frame, train_transform(pre, AugmentConfig()),
-                                   build_cache(frame, pre, cache_dir, progress=False))
+    pre, ours = training_data(frame, model_name, size, cache_dir)
     theirs = ImageDataset.from_frame(frame, timm.data.create_transform(
-        size, is_training=True, interpolation="random", mean=data_config["mean"], std=data_config["std"]))
+        size, is_training=True, interpolation="random", mean=pre.mean, std=pre.std))
     sides = {"lesionkit": lambda: lesionkit_full_network(model_name, ours, pre, batch_size, steps, device),
              "timm": lambda: timm_full_network(model_name, theirs, batch_size, steps, device)}
     best = dict.fromkeys(sides, 0.0)

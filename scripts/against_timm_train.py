@@ -1,0 +1,106 @@
+"""Full-network training speed of lesionkit against timm's reference ``train.py`` itself, as timm's users run it.
+
+``lesionkit benchmark`` compares with the training loop of ``train.py`` rebuilt inside its own process, because
+timm's wheel does not ship the script. This runs the script: take ``train.py`` from a pytorch-image-models checkout
+of the installed timm's release, then
+
+    .venv/bin/python scripts/against_timm_train.py --train-py PATH/TO/train.py \\
+        --data-dir ../shared/data/ham10000_fullres_sample
+
+Both sides train the whole network (EfficientNet-B1 by default) at 224x224, batch 32, channels-last, on the same
+images, in rounds of alternating order:
+- timm: ``train.py`` with its defaults (4 loader workers decoding every JPEG, its prefetcher, SGD with Nesterov
+  momentum, label smoothing), on an ImageFolder of links to the images; the images/s come from its own per-step log.
+- lesionkit: ``trainer.fit`` of the Lightning module ``lesionkit train`` runs, fed from the image cache, with
+  lesionkit's default loader.
+Both count from the end of their first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lesionkit.benchmark import lesionkit_full_network, training_data
+from lesionkit.data import load_dataset
+
+STEP_TIME = re.compile(r"Time: ([\d.]+)s,")
+
+
+def image_folder(frame, root: Path, copies: int) -> Path:
+    """``root/train/<dx>/`` with ``copies`` links to each image (one epoch of ``train.py`` must outlast the timed
+    steps) and ``root/validation/<dx>/`` with one, the layout ``train.py --data-dir`` reads."""
+    for split, count in (("train", copies), ("validation", 1)):
+        for row in frame.itertuples():
+            folder = root / split / row.dx
+            folder.mkdir(parents=True, exist_ok=True)
+            for copy in range(count):
+                (folder / f"{copy}_{row.image_id}.jpg").symlink_to(Path(row.path).resolve())
+    return root
+
+
+def timm_images_per_s(train_py: Path, data: Path, model: str, size: int, batch_size: int, steps: int,
+                      device: torch.device, workdir: Path) -> float:
+    command = [sys.executable, str(train_py.resolve()), "--data-dir", str(data), "--model", model,
+               "--num-classes", "7", "--img-size", str(size), "-b", str(batch_size), "--channels-last",
+               "--epochs", "1", "--log-interval", "1", "--output", str(workdir / "timm-output")]
+    if device.type == "cpu":
+        # train.py has no --device flag; the keys of its --config file become argument defaults, and timm's device
+        # set-up reads args.device. Its validate() then calls torch.cuda.synchronize() and fails after the epoch,
+        # by which time every training step is logged: the exit status is not used.
+        config = workdir / "cpu.yaml"
+        config.write_text("device: cpu\n")
+        command += ["--config", str(config)]
+    else:
+        command += ["--amp", "--amp-dtype", "bfloat16"]  # as lesionkit's bf16 autocast
+    result = subprocess.run(command, capture_output=True, text=True)
+    times = [float(t) for t in STEP_TIME.findall(result.stdout + result.stderr)][1:steps + 1]
+    if len(times) < steps:
+        raise SystemExit(f"train.py logged {len(times) + 1} step(s), not {steps + 1}:\n{result.stderr[-3000:]}")
+    return batch_size * len(times) / sum(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-py", type=Path, required=True, help="timm's train.py (pytorch-image-models)")
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ham10000_fullres_sample"))
+    parser.add_argument("--model", default="efficientnet_b1")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=25, help="timed steps per side and round (default: 25)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if not args.train_py.is_file():
+        parser.error(f"--train-py {args.train_py} is not a file: pass timm's train.py from pytorch-image-models")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    frame = load_dataset(args.data_dir, decode=False).usable
+    with tempfile.TemporaryDirectory(prefix="lesionkit-vs-timm-") as tmp:
+        tmp = Path(tmp)
+        folder = image_folder(frame, tmp / "images", math.ceil((args.steps + 1) * args.batch_size / len(frame)))
+        pre, dataset = training_data(frame, args.model, args.size, tmp / "cache")
+        sides = {"timm train.py": lambda: timm_images_per_s(args.train_py, folder, args.model, args.size,
+                                                            args.batch_size, args.steps, device, tmp),
+                 "lesionkit": lambda: lesionkit_full_network(args.model, dataset, pre, args.batch_size, args.steps,
+                                                             device)}
+        figures = {side: [] for side in sides}
+        for round_ in range(args.rounds):
+            for side in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):  # neither side always first
+                figures[side].append(sides[side]())
+                print(f"round {round_ + 1}: {side:13s} {figures[side][-1]:6.2f} img/s", flush=True)
+    ours, theirs = (statistics.mean(figures[side]) for side in ("lesionkit", "timm train.py"))
+    print(f"{args.model} at {args.size}x{args.size}, batch {args.batch_size}, {len(frame)} images from "
+          f"{args.data_dir}, {device}: lesionkit {ours:.2f} img/s, timm train.py {theirs:.2f} img/s (means of "
+          f"{args.rounds} rounds); ratio {ours / theirs:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
