@@ -222,6 +222,8 @@ def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
     assert figures["evaluation"]["images_per_s"] > 0 and figures["memory"]["peak_rss_mb"] > 0
     full = figures["training"]["full_vs_timm"]
     assert full["images_per_s"] > 0 and full["timm_train_py_images_per_s"] > 0 and full["size"] == [64, 64]
+    assert f"{os.cpu_count()} cores" in figures["cpu"], "the figures name the processor that produced them"
+    assert "GPU available" not in result.stderr and "Tip:" not in result.stderr, "Lightning's notes stay out"
 
 
 @pytest.mark.parametrize("command", ["export", "benchmark"])

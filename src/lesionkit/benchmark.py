@@ -16,10 +16,14 @@ Steps run on random tensors except where the data is the point, so the training 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import logging
 import os
+import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -66,6 +70,22 @@ def rate(step, items: int, repeats: int, warmup: int = 1, device: torch.device =
         step()
     _sync(device)
     return items * repeats / (time.perf_counter() - start)
+
+
+def latencies(calls: dict, repeats: int, rounds: int = 5) -> dict:
+    """Median seconds of one call of each of ``calls`` (name: function), timed call by call over ``rounds``
+    rounds of ``repeats`` calls in alternating order. On a busy machine one side's latency swings by a fifth from
+    one pass to the next (PyTorch's for one B1 image on 2 cores: 81 to 105 ms), so neither side may have the
+    quiet or the busy moments to itself, and a stray slow call does not move the median."""
+    times = {name: [] for name in calls}
+    for round_ in range(rounds):
+        for name in list(calls) if round_ % 2 == 0 else list(calls)[::-1]:
+            calls[name]()  # untimed: caches and thread pools warm again after the other side ran
+            for _ in range(repeats):
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def synthetic_jpegs(root: Path, count: int) -> pd.DataFrame:
@@ -228,12 +248,12 @@ def lesionkit_full_network(model_name: str, dataset: ImageDataset, pre: Preproce
     module = LesionClassifier(model, [PhaseConfig("full", 1, 1e-4, unfreeze=-1, freeze_bn=False)], None, meta)
     module.set_phase(0)
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps + 1, accelerator=device.type, devices=1,
-                        precision=resolve_precision(TrainConfig()), callbacks=[timer], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_lightning():
         warnings.simplefilter("ignore")  # Lightning's notes on the missing validation and few workers
+        trainer = L.Trainer(max_steps=steps + 1, accelerator=device.type, devices=1,
+                            precision=resolve_precision(TrainConfig()), callbacks=[timer], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0)
         trainer.fit(module, make_loader(dataset, batch_size, train=True))
     return timer.images_per_s
 
@@ -324,8 +344,8 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
     @torch.inference_mode()
     def eager(x):
         return cpu_model(x.contiguous(memory_format=torch.channels_last))
-    torch_single = 1 / rate(lambda: eager(one), 1, 3 * repeats, 2)
-    onnx_single = 1 / rate(lambda: served.logits(one), 1, 3 * repeats, 2)
+    single = latencies({"torch": lambda: eager(one), "onnxruntime": lambda: served.logits(one)}, 3 * repeats)
+    torch_single, onnx_single = single["torch"], single["onnxruntime"]
     onnx = {"torch_latency_ms": 1e3 * torch_single, "onnxruntime_latency_ms": 1e3 * onnx_single,
             "ratio": torch_single / onnx_single,
             "torch_batch_images_per_s": rate(lambda: eager(batch), len(batch), repeats),
@@ -333,6 +353,28 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
             "max_abs_difference": compare_model(cpu_model, served, batch)}
     model.to(device)
     return evaluation, onnx
+
+
+def cpu_description() -> str:
+    """The processor, its core count and the widest vector instructions PyTorch uses on it: the ratios depend on
+    it (the README's Speed section has two 2-core machines whose onnxruntime figures differ)."""
+    name = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Lightning's start-up notes (devices found, tips) say nothing about speed: keep them out of the output."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def threading_environment() -> dict:
@@ -373,8 +415,9 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
         wait = bench_loader_wait(model, frame, pre, cache, 4 if quick else batch_size, steps + 1, device)
         evaluation, onnx = bench_inference(model, pre, meta, 4 if quick else batch_size, steps, device, tmp)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
-            f"threads)", "model": model_name, "input": [pre.height, pre.width], "data_source": source,
-            "quick": quick, "torch": torch.__version__, "environment": threading_environment(), "cache": data,
+            f"threads)", "cpu": cpu_description(), "model": model_name, "input": [pre.height, pre.width],
+            "data_source": source, "quick": quick, "torch": torch.__version__,
+            "environment": threading_environment(), "cache": data,
             "training": training, "loader": wait, "evaluation": evaluation, "onnx": onnx, "memory": memory(device),
             "targets": TARGETS}
 
@@ -391,6 +434,7 @@ def table(result: dict) -> str:
     rows = [
         f"lesionkit benchmark on {result['device']}, {result['model']} at {result['input'][0]}x{result['input'][1]}, "
         f"torch {result['torch']}, data: {result['data_source']}{' (quick)' if result['quick'] else ''}",
+        f"processor: {result['cpu']}",
         *[f"{name}={value}" + (" (PyTorch's threads sleep between operations: one image's latency about doubles, "
                                "measured here)" if value.upper() == "PASSIVE" else "")
           for name, value in result["environment"].items()],
