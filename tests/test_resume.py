@@ -61,8 +61,11 @@ def start(log: Path, argv: list[str]) -> subprocess.Popen:
     nobody reads would fill up with progress bars and stall the run)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     with log.open("w") as err:
+        # A suite started in the background (`make test &`) passes Ctrl-C on as ignored, and Python then keeps
+        # ignoring it: the run must hear it as a user's terminal would send it.
         process = subprocess.Popen([sys.executable, "-m", "lesionkit.cli", *argv], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=err)
+                                   stdout=subprocess.DEVNULL, stderr=err,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     process.log = log
     return process
 
