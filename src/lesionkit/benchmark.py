@@ -430,7 +430,7 @@ def table(result: dict) -> str:
                                         "torch_batch_images_per_s", "onnxruntime_batch_images_per_s")}
 
     def verdict(value: float, key: str) -> str:
-        return f"{value:5.1f}x  (target >= {TARGETS[key]}x: {'met' if value >= TARGETS[key] else 'NOT met'})"
+        return f"{value:5.2f}x  (target >= {TARGETS[key]}x: {'met' if value >= TARGETS[key] else 'NOT met'})"
     rows = [
         f"lesionkit benchmark on {result['device']}, {result['model']} at {result['input'][0]}x{result['input'][1]}, "
         f"torch {result['torch']}, data: {result['data_source']}{' (quick)' if result['quick'] else ''}",
