@@ -71,7 +71,8 @@ def timm_images_per_s(train_py: Path, data: Path, model: str, size: int, batch_s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-py", type=Path, required=True, help="timm's train.py (pytorch-image-models)")
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ham10000_fullres_sample"))
+    parser.add_argument("--data-dir", type=Path, required=True,
+                        help="HAM10000-style folder of the images to train on, e.g. the 600x450 originals")
     parser.add_argument("--model", default="efficientnet_b1")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Speed check on a lent GPU machine: the benchmark table, then one full reference run with its wall time.
 #
-# Here, once:   .venv/bin/python scripts/pack_device_data.py     (fills the git-ignored .device-data/, ~61 MiB)
+# Here, once:   .venv/bin/python scripts/pack_device_data.py --data PATH/TO/ham10000
+#               (fills the git-ignored .device-data/, ~61 MiB with the 200x150 copy)
 # There:        the device tool's run with command "bash scripts/gpu_check.sh", carry [".device-data"],
 #               timeout_s 600. Results (8 small files) land in $OUT.
 #

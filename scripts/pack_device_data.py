@@ -5,7 +5,7 @@ no network and receives at most 64 MiB with the working tree:
 - ``lite1.safetensors``: the offline ImageNet EfficientNet-Lite1 weights under timm's names (21 MiB), so the
   machine needs neither the weights package nor a hub (``--weights .device-data/lite1.safetensors``).
 
-Usage: ``.venv/bin/python scripts/pack_device_data.py [--data ../shared/data/ham10000]``
+Usage: ``.venv/bin/python scripts/pack_device_data.py --data PATH/TO/ham10000``
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="HAM10000 folder to copy, e.g. the 200x150 copy (at most 64 MiB travel)")
     parser.add_argument("--out", type=Path, default=ROOT / ".device-data")
     args = parser.parse_args()
     target = args.out / "ham10000"

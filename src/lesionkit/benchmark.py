@@ -75,7 +75,7 @@ def rate(step, items: int, repeats: int, warmup: int = 1, device: torch.device =
 def latencies(calls: dict, repeats: int, rounds: int = 5) -> dict:
     """Median seconds of one call of each of ``calls`` (name: function), timed call by call over ``rounds``
     rounds of ``repeats`` calls in alternating order. On a busy machine one side's latency swings by a fifth from
-    one pass to the next (PyTorch's for one B1 image on 2 cores: 81 to 105 ms), so neither side may have the
+    one pass to the next (PyTorch's for one B1 image on 2 cores: 69 to 105 ms), so neither side may have the
     quiet or the busy moments to itself, and a stray slow call does not move the median."""
     times = {name: [] for name in calls}
     for round_ in range(rounds):
