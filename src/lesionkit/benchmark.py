@@ -6,6 +6,8 @@ side by side with what it saves against, in one run.
   (``requires_grad=False`` below the trained layers) vs "the common naive way" (every parameter still
   requires grad, only the optimizer restricted); the frozen phase on stored features too; the full network,
   and the full network on real images against the way timm's reference ``train.py`` trains it;
+- head-phase steps with freed memory held in the process (as every ``lesionkit`` command runs) vs glibc's
+  malloc thresholds, which give large CPU tensors fresh pages at every step (:mod:`lesionkit.allocator`);
 - the share of a training step spent waiting for the DataLoader (cache, augmentation, default workers);
 - evaluation images/s, and one image's latency and a batch's throughput in onnxruntime vs PyTorch eager;
 - peak memory (process RSS; GPU memory when there is one).
@@ -38,6 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lesionkit import CLASSES, LesionkitError
+from lesionkit.allocator import GLIBC_DEFAULT_MAX, HELD, hold_freed_memory, set_malloc_thresholds, user_chose_allocator
 from lesionkit.cache import build_cache
 from lesionkit.config import AugmentConfig, ModelConfig, PhaseConfig, TrainConfig
 from lesionkit.data import load_dataset
@@ -188,6 +191,34 @@ def bench_training(model: torch.nn.Module, size: tuple[int, int], batch_size: in
         head.step()
     results["frozen"]["cached_features_images_per_s"] = rate(feature_step, batch_size, 20, 2, device)
     return results
+
+
+def bench_allocator(model: torch.nn.Module, size: tuple[int, int], batch_size: int, steps: int) -> dict:
+    """Head-phase steps on the CPU with glibc's malloc thresholds where its own dynamic rule takes them at most
+    (32 MiB) against freed memory held in the process (:mod:`lesionkit.allocator`, what every ``lesionkit``
+    command sets): images/s and page faults per step, two interleaved rounds, the better of each kept."""
+    if user_chose_allocator():
+        return {"skipped": "the environment sets glibc's malloc thresholds or preloads another allocator"}
+    cpu = torch.device("cpu")
+    images, labels = random_batch(batch_size, size, cpu)
+    step = train_step(model, 0, False, cpu)
+    settings = {"glibc": (GLIBC_DEFAULT_MAX, 2 * GLIBC_DEFAULT_MAX), "held": (HELD, HELD)}
+    best, faults = dict.fromkeys(settings, 0.0), {}
+    try:
+        for _ in range(2):
+            for name, thresholds in settings.items():
+                if not set_malloc_thresholds(*thresholds):
+                    return {"skipped": "the C library is not glibc"}
+                for _ in range(2):  # untimed: the heap settles to the new thresholds in two steps
+                    step(images, labels)
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                best[name] = max(best[name], rate(lambda: step(images, labels), batch_size, steps, warmup=0))
+                faults[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+    finally:
+        hold_freed_memory()
+    return {"glibc_images_per_s": best["glibc"], "held_images_per_s": best["held"],
+            "ratio": best["held"] / best["glibc"], "glibc_page_faults_per_step": faults["glibc"],
+            "held_page_faults_per_step": faults["held"], "batch_size": batch_size}
 
 
 def bench_loader_wait(model: torch.nn.Module, frame: pd.DataFrame, pre: Preprocessing, cache, batch_size: int,
@@ -409,6 +440,7 @@ def memory(device: torch.device) -> dict:
 def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size: int, steps: int = 10) -> dict:
     """Every measurement of the module docstring, as one JSON-ready dict."""
     device = _device()
+    hold_freed_memory()  # as every lesionkit command runs; bench_allocator measures what it saves
     torch.manual_seed(0)
     model = create_model(ModelConfig(name=model_name, weights="none"), 7)  # weights do not change speed
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), [64, 88] if quick else None)
@@ -426,6 +458,8 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
         steps = 2 if quick else steps
         train_size = (pre.height, pre.width)
         training = bench_training(model, train_size, 4 if quick else batch_size, steps, device)
+        allocator = bench_allocator(model, train_size, 4 if quick else batch_size, steps) if device.type == "cpu" \
+            else {"skipped": "CPU memory only"}
         # Against timm's reference train.py: the full network at 224x224, batch 32, channels-last.
         training["full_vs_timm"] = bench_full_network(frame, model_name, 64 if quick else 224, 4 if quick else 32,
                                                       steps, tmp / "cache", device)
@@ -435,8 +469,16 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
             f"threads)", "cpu": cpu_description(), "model": model_name, "input": [pre.height, pre.width],
             "data_source": source, "quick": quick, "torch": torch.__version__,
             "environment": threading_environment(), "cache": data,
-            "training": training, "loader": wait, "evaluation": evaluation, "onnx": onnx, "memory": memory(device),
-            "targets": TARGETS}
+            "training": training, "allocator": allocator, "loader": wait, "evaluation": evaluation, "onnx": onnx,
+            "memory": memory(device), "targets": TARGETS}
+
+
+def allocator_row(a: dict) -> str:
+    if "skipped" in a:
+        return f"memory held      skipped: {a['skipped']}"
+    return (f"memory held      {a['held_images_per_s']:8.1f} img/s   glibc's thresholds {a['glibc_images_per_s']:8.1f} "
+            f"img/s   {a['ratio']:5.2f}x   (frozen-phase step, batch {a['batch_size']}: "
+            f"{a['held_page_faults_per_step']:,.0f} vs {a['glibc_page_faults_per_step']:,.0f} page faults)")
 
 
 def table(result: dict) -> str:
@@ -467,6 +509,7 @@ def table(result: dict) -> str:
         f"  real images at {f['size'][0]}x{f['size'][1]}, batch {f['batch_size']}, BatchNorm updating: lesionkit "
         f"{f['images_per_s']:.1f} img/s   timm train.py way {f['timm_train_py_images_per_s']:.1f} img/s   "
         f"{verdict(f['ratio'], 'full')}",
+        allocator_row(result["allocator"]),
         f"loader (fine-tune, {result['loader']['workers']} workers): {result['loader']['images_per_s']:.1f} img/s, "
         f"{100 * result['loader']['wait_share']:.0f}% of the step waiting for data",
         f"evaluation       {result['evaluation']['images_per_s']:8.1f} img/s",

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from lesionkit import LesionkitError, __version__
+from lesionkit.allocator import hold_freed_memory
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    hold_freed_memory()  # CPU tensors reuse freed memory instead of page-faulting in fresh memory
     try:
         return args.run(args)
     except LesionkitError as err:
