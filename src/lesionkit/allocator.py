@@ -22,19 +22,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # Tensors up to 1 GiB come from the heap (B1's largest at batch 32, 240x320 is 236 MB), and up to 1 GiB of free
 # heap stays with the process. The process's memory stays near its peak: what one step needed, the next reuses.
 HELD = 1 << 30
-# Where glibc's own dynamic thresholds end up at most: the baseline ``lesionkit benchmark`` compares with.
-GLIBC_DEFAULT_MAX = 32 << 20
-
-
-def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
-    """Set glibc's mmap and trim thresholds (bytes); False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and other C libraries
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
 def user_chose_allocator() -> bool:
@@ -45,8 +32,12 @@ def user_chose_allocator() -> bool:
 
 
 def hold_freed_memory() -> bool:
-    """Keep freed memory in the process (see the module docstring), unless the user chose otherwise.
-
-    Returns whether the setting took.
-    """
-    return not user_chose_allocator() and set_malloc_thresholds(HELD, HELD)
+    """Raise glibc's mmap and trim thresholds to ``HELD`` (see the module docstring), unless the user chose an
+    allocator setting. Returns whether the setting took: False too where the C library is not glibc."""
+    if user_chose_allocator() or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, HELD)) and bool(mallopt(M_TRIM_THRESHOLD, HELD))
