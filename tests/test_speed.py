@@ -238,8 +238,7 @@ def test_export_keeps_squeeze_excitation_in_the_blocked_layout(tmp_path):
         assert model.eval()(images).abs().max() > 0.01
     assert compare_model(model, served, images) <= 1e-4 and compare_model(model, served, images[:1]) <= 1e-4
     assert any(isinstance(m, SqueezeExcite) for m in model.modules()), "the caller's model is left as it was"
-    assert next(model.parameters()).dim() == 4 and model.conv_stem.weight.is_contiguous(
-        memory_format=torch.channels_last)
+    assert model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last), "and in its memory format"
 
 
 FAULTS_SNIPPET = """
@@ -268,7 +267,7 @@ def test_held_memory_is_reused_instead_of_page_faulting():
         assert result.returncode == 0, result.stderr
         held, faults[mode] = result.stdout.split()
         if mode == "held" and held != "True":
-            pytest.skip("not glibc: the thresholds cannot be set")
+            pytest.skip("glibc's thresholds cannot be set here (another C library, or an allocator preloaded)")
     assert float(faults["glibc"]) > 10_000 and float(faults["held"]) < 100
 
 

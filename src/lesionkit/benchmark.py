@@ -229,7 +229,7 @@ def bench_allocator(model_name: str, size: tuple[int, int], batch_size: int, ste
                     f"{model_name!r}, {tuple(size)}, {batch_size}, {steps}, {side == 'held'})))")
             child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if child.returncode != 0:
-                return {"skipped": f"the {side} run failed: {child.stderr.strip().splitlines()[-1:]}"}
+                return {"skipped": f"the {side} run failed: {(child.stderr.strip().splitlines() or ['?'])[-1]}"}
             results[side].append(json.loads(child.stdout.splitlines()[-1]))
     best = {side: max(runs, key=lambda run: run["images_per_s"]) for side, runs in results.items()}
     return {"glibc_images_per_s": best["glibc"]["images_per_s"], "held_images_per_s": best["held"]["images_per_s"],
