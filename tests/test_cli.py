@@ -1,7 +1,10 @@
 """The real commands end to end on CPU: train -> evaluate -> predict, and their errors."""
 
 import json
+import logging
+import re
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 from conftest import FULLRES, REPO, make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
+from lesionkit.train import quiet_lightning_notices
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -135,20 +139,38 @@ def test_data_check_on_the_real_copy_names_the_absent_images(real_data, capsys):
     assert "ISIC_0029861" in out and "ISIC_0029938" in out and "6705" in out
 
 
-def test_real_smoke_run_refuses_then_trains_and_predicts_a_fullres_original(real_data, tmp_path, capsys):
+def test_lightning_deprecation_notice_about_torch_is_filtered():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_lightning_notices()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+                      DeprecationWarning)
+        warnings.warn("another deprecation", DeprecationWarning)
+    assert [str(w.message) for w in seen] == ["another deprecation"]
+
+
+def test_real_smoke_run_refuses_then_trains_and_predicts_a_fullres_original(real_data, tmp_path, capfd, caplog):
     run = tmp_path / "run"
     assert train(real_data, run) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "2 listed image(s)" in err and "--allow-missing" in err and "ISIC_0029861" in err
 
-    assert train(real_data, run, "--allow-missing") == 0
+    lightning = logging.getLogger("lightning.pytorch")  # its own stderr handler, which capfd does not see
+    lightning.addHandler(caplog.handler)
+    try:
+        assert train(real_data, run, "--allow-missing") == 0
+    finally:
+        lightning.removeHandler(caplog.handler)
+    assert "GPU available" in caplog.text  # the handler saw Lightning's messages...
+    assert "Tip:" not in caplog.text and "litlogger" not in caplog.text  # ...but not its advertisement
+    assert re.search(r"\b245 M +Total Flops", caplog.text)  # one 96x128 image through Lite1, not Lightning's 0
     report = check_run_folder(run)
     assert set(pd.read_csv(run / "skipped.csv")["image_id"]) == {"ISIC_0029861", "ISIC_0029938"}
     assert report["skipped_images"] == ["ISIC_0029861", "ISIC_0029938"]
-    capsys.readouterr()
+    capfd.readouterr()
 
     original = sorted((FULLRES / "HAM10000_images_part_1").glob("*.jpg"))[0]
     assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "json",
                  str(original)]) == 0
-    (result,) = json.loads(capsys.readouterr().out)
+    (result,) = json.loads(capfd.readouterr().out)
     assert len(result["probabilities"]) == 7 and sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import signal
 import warnings
 from dataclasses import replace
@@ -160,6 +161,7 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     # Both are expected here: frozen BatchNorms sit in eval mode on purpose, and phases share one folder.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    quiet_lightning_notices()
     last = out / "checkpoints" / "last.ckpt"
     resume_from = load_checkpoint(last) if prepare_out_dir(out, resume) else None
     if resume_from is not None:
@@ -220,6 +222,8 @@ def build_module(config: Config, train_part: pd.DataFrame, resumed: bool) -> tup
     module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing)
     if config.train.compile:
         module.model.compile()  # in place: the state_dict keeps its names, so checkpoints load as ever
+    else:  # Lightning's summary table then shows each layer's output size and FLOPs per image, not zeros
+        module.example_input_array = torch.zeros(1, 3, pre.height, pre.width)
     return module, pre
 
 
@@ -230,6 +234,20 @@ def best_checkpoint(out: Path, previous: ModelCheckpoint | None) -> ModelCheckpo
     if previous is not None:
         best.load_state_dict(previous.state_dict())
     return best
+
+
+class _DropAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning_notices() -> None:
+    """Keep Lightning's output to what concerns the run: not its advertisement for a cloud logger (printed at
+    every phase), nor its own deprecation notice about torch's pytree API, which no user setting changes."""
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvert) for f in notices.filters):
+        notices.addFilter(_DropAdvert())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def phase_trainer(config: Config, out: Path, phase: PhaseConfig, callbacks: list[Callback], log_every: int
