@@ -39,7 +39,8 @@ def external_set(smoke_run, tmp_path_factory):
     for image_id in val["image_id"]:
         shutil.copy(next(data.rglob(f"{image_id}.jpg")), folder / f"{image_id}.jpg")
     write_image(folder / "ISIC_9999999.jpg", seed=3)  # nobody labelled it
-    rows = [{"image": i, **{c: float(c.lower() == dx) for c in ISIC2018_COLUMNS}} for i, dx in zip(val["image_id"], val["dx"])]
+    rows = [{"image": i, **{c: float(c.lower() == dx) for c in ISIC2018_COLUMNS}}
+            for i, dx in zip(val["image_id"], val["dx"], strict=True)]
     rows.append({"image": "ISIC_8888888", **{c: float(c == "NV") for c in ISIC2018_COLUMNS}})  # no image file
     labels = folder.parent / "ISIC2018_Task3_Test_GroundTruth.csv"
     pd.DataFrame(rows).to_csv(labels, index=False)

@@ -46,7 +46,7 @@ def test_metrics_match_scikit_learn():
     assert brier_score(labels, p) == pytest.approx(((p - onehot) ** 2).sum(1).mean())
     # ECE from torchmetrics equals the reliability diagram's bars, weighted by count.
     bins = reliability_bins(labels, p, 15)
-    gaps = [n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n]
+    gaps = [n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"], strict=True) if n]
     assert expected_calibration_error(labels, p) == pytest.approx(sum(gaps) / len(labels), abs=1e-5)
 
 

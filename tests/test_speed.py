@@ -110,7 +110,7 @@ def test_frozen_layers_give_the_naive_result_with_less_work(unfreeze):
         results.append((loss.item(), [p.detach().clone() for p in trainable], with_grad))
     (fast_loss, fast_params, fast_grads), (naive_loss, naive_params, naive_grads) = results
     assert fast_loss == pytest.approx(naive_loss, abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_params, naive_params))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast_params, naive_params, strict=True))
     assert fast_grads == len(fast_params) < naive_grads  # gradients only where something trains
 
 
@@ -175,7 +175,7 @@ def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsy
         assert main(["predict", "--checkpoint", str(checkpoint), "--backend", backend, "--format", "json",
                      *map(str, images)]) == 0
         answers[backend] = json.loads(capsys.readouterr().out)
-    for a, b in zip(answers["torch"], answers["onnx"]):
+    for a, b in zip(answers["torch"], answers["onnx"], strict=True):
         assert a["image"] == b["image"] and a["prediction"] == b["prediction"]
         assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4
 

@@ -133,7 +133,7 @@ def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch
     flags = [naive or p.requires_grad for p in model.parameters()]
 
     def prepare() -> None:
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad = flag
         model.train()
         freeze_batchnorm_stats(model, everywhere=True)
@@ -376,7 +376,7 @@ def batch_statistics(model: torch.nn.Module, images: torch.Tensor) -> None:
         norm.momentum = None  # a plain average over the batches seen: here, exactly this one
     with torch.no_grad():
         model.train()(images)
-    for norm, momentum in zip(norms, momenta):
+    for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.eval()
 

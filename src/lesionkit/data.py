@@ -166,7 +166,7 @@ def load_dataset(data_dir: str | Path, metadata: str | Path | None = None, *, de
         # PIL releases the GIL while decoding, so threads check images in parallel.
         with ThreadPoolExecutor(workers) as pool:
             verdicts = pool.map(check_decodable, map(Path, present["path"]))
-            problems.update({i: v for i, v in zip(present["image_id"], verdicts) if v})
+            problems.update({i: v for i, v in zip(present["image_id"], verdicts, strict=True) if v})
     return Dataset(frame, problems)
 
 

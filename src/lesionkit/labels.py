@@ -90,6 +90,6 @@ def load_labelled_folder(images: Path, labels: Path, workers: int = 8) -> Labell
     present = frame.dropna(subset=["path"])
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         verdicts = pool.map(check_decodable, map(Path, present["path"]))
-        problems.update({i: v for i, v in zip(present["image_id"], verdicts) if v})
+        problems.update({i: v for i, v in zip(present["image_id"], verdicts, strict=True) if v})
     unlabelled = sorted(set(found) - set(frame["image_id"]))
     return LabelledFolder(frame, problems, unlabelled, kind)

@@ -26,7 +26,8 @@ def _save(figure: Figure, path: Path) -> str:
 def confusion_matrices(labels: np.ndarray, predictions: np.ndarray, classes: list[str], path: Path) -> str:
     """Counts and row-normalised (each true class sums to 1: its recall is on the diagonal), side by side."""
     figure = Figure(figsize=(13, 5.5))
-    for ax, normalize, title in zip(figure.subplots(1, 2), (None, "true"), ("counts", "row-normalised (recall)")):
+    panels = zip(figure.subplots(1, 2), (None, "true"), ("counts", "row-normalised (recall)"), strict=True)
+    for ax, normalize, title in panels:
         ConfusionMatrixDisplay.from_predictions(
             labels, predictions, labels=range(len(classes)), display_labels=classes, normalize=normalize, ax=ax,
             colorbar=False, cmap="Blues", values_format="d" if normalize is None else ".2f")

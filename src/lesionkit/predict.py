@@ -44,8 +44,8 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
 
     def flush():
         probabilities = tta_probabilities(classifier, torch.stack([tensor for _, tensor in pending]), tta)
-        for (path, _), row in zip(pending, probabilities.tolist()):
-            scores = dict(zip(classifier.classes, row))
+        for (path, _), row in zip(pending, probabilities.tolist(), strict=True):
+            scores = dict(zip(classifier.classes, row, strict=True))
             results.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
         pending.clear()
 

@@ -98,7 +98,7 @@ def render_markdown(report: dict, title: str) -> str:
     classes = report["confusion_matrix"]["classes"]
     lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
     matrix = report["confusion_matrix"]["matrix"]
-    lines += _table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, matrix)])
+    lines += _table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, matrix, strict=True)])
     for name, caption in report.get("figures", {}).items():
         lines += ["", f"![{caption}]({name})"]
     lines += _subgroups(report.get("subgroups", {}))

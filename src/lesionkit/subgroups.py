@@ -41,7 +41,8 @@ def group_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[s
         status = f"few images of {', '.join(thin)}: their recall is not reliable"
     else:
         status = "ok"
-    return {"images": int(len(labels)), "lesions": lesions, "per_class_images": dict(zip(classes, counts.tolist())),
+    return {"images": int(len(labels)), "lesions": lesions,
+            "per_class_images": dict(zip(classes, counts.tolist(), strict=True)),
             "accuracy": float(metrics.accuracy_score(labels, predictions)),
             "balanced_accuracy": float(np.mean(recall)),
             "melanoma_sensitivity": float(recall[present.index(mel)]) if mel in present else None,

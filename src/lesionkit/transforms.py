@@ -66,7 +66,7 @@ class ToNormalizedTensor(torch.nn.Module):
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1)
-        self.shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
+        self.shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)]).view(-1, 1, 1)
 
     def forward(self, image) -> torch.Tensor:
         pixels = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
