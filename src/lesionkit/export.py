@@ -1,8 +1,9 @@
 """``lesionkit export``: a checkpoint as an ONNX file that onnxruntime serves, with its classes and
 preprocessing inside; and ``OnnxClassifier``, which ``predict --backend onnx`` uses in place of PyTorch.
 
-On 2 CPU cores onnxruntime answers one 240x320 image two to three times faster than PyTorch eager (fused
-convolutions and BatchNorm, no Python between layers); ``lesionkit benchmark`` measures it.
+On 2 CPU cores onnxruntime answers one 240x320 image about twice as fast as PyTorch eager, up to 2.9x depending
+on the processor and the network (fused convolutions and BatchNorm, no Python between layers);
+``lesionkit benchmark`` measures it.
 """
 
 from __future__ import annotations
