@@ -283,6 +283,15 @@ def test_bad_input_is_answered_clearly_and_loses_nothing(case, world, tmp_path, 
     assert not (w / "PWNED").exists(), "a pickled payload ran"
 
 
+def test_weights_that_cannot_load_leave_the_run_folder_free_for_the_next_try(world, tmp_path, capsys):
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    put(w / "wrong.pth", b"not a weights file")
+    assert main(train(w, "--weights", str(w / "wrong.pth"))) == 1
+    assert "wrong.pth" in capsys.readouterr().err
+    assert main(train(w)) == 0, capsys.readouterr().err  # the same --out: not "already holds a run"
+
+
 def test_the_table_is_wide():
     assert len(CASES) >= 25
 

@@ -167,10 +167,13 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     if resume_from is not None:
         check_compatible(resume_from, last, config.model.name, list(CLASSES))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
+    # The network first: pretrained weights that cannot be fetched stop the run before it writes its folder,
+    # which then stays free for the next attempt. A resumed run takes every weight from its checkpoint.
+    model = create_model(replace(config.model, weights="none") if resume_from else config.model, len(CLASSES))
     split, skipped = prepare_data(config, out, resume)
     record_run(config, out, split, resume)
     parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
-    module, pre = build_module(config, parts["train"], resumed=resume_from is not None)
+    module, pre = build_module(config, model, parts["train"])
     cache = build_cache(split, pre, config.data.cache_dir) if config.data.cache else None
     workers, batch = config.data.num_workers, config.data.batch_size
     train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache),
@@ -210,11 +213,10 @@ def record_run(config: Config, out: Path, split: pd.DataFrame, resume: bool) -> 
                          data=data_fingerprint(metadata, split), resume=resume)
 
 
-def build_module(config: Config, train_part: pd.DataFrame, resumed: bool) -> tuple[LesionClassifier, Preprocessing]:
-    """The Lightning module around a new network, with class weights from ``train_part``, and the network's
+def build_module(config: Config, model: torch.nn.Module, train_part: pd.DataFrame
+                 ) -> tuple[LesionClassifier, Preprocessing]:
+    """The Lightning module around ``model``, with class weights from ``train_part``, and the network's
     preprocessing."""
-    # A resumed run overwrites every weight from its checkpoint: no need to fetch the pretrained ones again.
-    model = create_model(replace(config.model, weights="none") if resumed else config.model, len(CLASSES))
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), config.data.image_size)
     weights = class_weights(np.array([CLASSES.index(d) for d in train_part["dx"]]), config.train.class_weights)
     meta = {"model_name": config.model.name, "classes": list(CLASSES), "preprocessing": pre.to_dict(),
