@@ -228,6 +228,9 @@ CASES = {
     "checkpoint that is a bare state_dict": (lambda w: torch.save(timm.create_model("test_efficientnet").state_dict(),
                                                                   w / "o.ckpt") or predict(w, "ham", "o.ckpt"), 1,
                                              ["not a lesionkit checkpoint"]),
+    "checkpoint that is an ONNX export": (lambda w: put(w / "m.onnx", b"onnx") or [
+        "predict", "--checkpoint", str(w / "m.onnx"), "--backend", "torch", str(w / "ham")], 1,
+        ["m.onnx is an ONNX export", "--backend onnx", "the .ckpt"]),
     "weights file with a pickled payload": (lambda w: malicious_checkpoint(w / "evil.pth", w / "PWNED") and
                                             train(w, "--weights", str(w / "evil.pth")), 1,
                                             ["cannot load weights file", "evil.pth", "never pickled code"]),

@@ -171,10 +171,12 @@ def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsy
     assert (run / "checkpoints" / "best.onnx").is_file()
 
     answers = {}
-    for backend in ("torch", "onnx"):
-        assert main(["predict", "--checkpoint", str(checkpoint), "--backend", backend, "--format", "json",
-                     *map(str, images)]) == 0
-        answers[backend] = json.loads(capsys.readouterr().out)
+    served = {"torch": [str(checkpoint)], "onnx": [str(checkpoint), "--backend", "onnx"],
+              "onnx by its name": [str(run / "checkpoints" / "best.onnx")]}  # no --backend: the suffix says it
+    for name, choice in served.items():
+        assert main(["predict", "--checkpoint", *choice, "--format", "json", *map(str, images)]) == 0
+        answers[name] = json.loads(capsys.readouterr().out)
+    assert answers["onnx by its name"] == answers["onnx"]
     for a, b in zip(answers["torch"], answers["onnx"], strict=True):
         assert a["image"] == b["image"] and a["prediction"] == b["prediction"]
         assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4

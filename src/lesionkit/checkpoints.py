@@ -34,6 +34,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise LesionkitError(f"checkpoint {path} does not exist: check --checkpoint")
+    if path.suffix == ".onnx":
+        raise LesionkitError(f"{path} is an ONNX export, not a checkpoint: serve it with `lesionkit predict "
+                             f"--backend onnx`, or pass the .ckpt it was exported from")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
