@@ -289,6 +289,7 @@ def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
     figures = json.loads(result.stdout)
     assert figures == json.loads(out.read_text())
     assert figures["cache"]["ratio"] > 0 and figures["onnx"]["ratio"] > 0
+    assert figures["onnx"]["onnxruntime_1_thread_latency_ms"] > 0
     for phase in ("frozen", "finetune"):
         assert {"images_per_s", "naive_images_per_s", "ratio"} <= set(figures["training"][phase])
     assert 0 <= figures["loader"]["wait_share"] <= 1
@@ -301,6 +302,10 @@ def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
     assert full["images_per_s"] > 0 and full["timm_train_py_images_per_s"] > 0 and full["size"] == [64, 64]
     assert f"{os.cpu_count()} cores" in figures["cpu"], "the figures name the processor that produced them"
     assert "GPU available" not in result.stderr and "Tip:" not in result.stderr, "Lightning's notes stay out"
+    from lesionkit.benchmark import table
+
+    text = table(figures)  # what the command prints without --json
+    assert "onnxruntime on one thread" in text and text.count("(target >=") == 5  # every target has its row
 
 
 @pytest.mark.parametrize("command", ["export", "benchmark"])

@@ -10,7 +10,8 @@ side by side with what it saves against, in one run.
   defaults, which give large CPU tensors fresh pages at every step (:mod:`lesionkit.allocator`), each side in
   fresh processes;
 - the share of a training step spent waiting for the DataLoader (cache, augmentation, default workers);
-- evaluation images/s, and one image's latency and a batch's throughput in onnxruntime vs PyTorch eager;
+- evaluation images/s, and one image's latency and a batch's throughput in onnxruntime vs PyTorch eager, with
+  onnxruntime's one-image latency on a single thread beside it (how well the cores shared the work);
 - peak memory (process RSS; GPU memory when there is one).
 
 Steps run on random tensors except where the data is the point, so the training figures measure the network.
@@ -403,15 +404,20 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
         model.to(device)
         return evaluation, {"skipped": str(err)}
     served = OnnxClassifier(onnx_file, threads=torch.get_num_threads())  # a like-for-like thread count
+    # The same on one thread tells how well the cores shared one image: on a virtual machine whose cores the
+    # host sometimes runs as two threads of one physical core, two threads gained 1.2x instead of 1.9x.
+    alone = OnnxClassifier(onnx_file, threads=1)
     one = random_batch(1, (pre.height, pre.width), torch.device("cpu"))[0]
 
     @torch.inference_mode()
     def eager(x):
         return cpu_model(x.contiguous(memory_format=torch.channels_last))
-    single = latencies({"torch": lambda: eager(one), "onnxruntime": lambda: served.logits(one)}, 3 * repeats)
+    single = latencies({"torch": lambda: eager(one), "onnxruntime": lambda: served.logits(one),
+                        "onnxruntime_1_thread": lambda: alone.logits(one)}, 3 * repeats)
     torch_single, onnx_single = single["torch"], single["onnxruntime"]
     onnx = {"torch_latency_ms": 1e3 * torch_single, "onnxruntime_latency_ms": 1e3 * onnx_single,
             "ratio": torch_single / onnx_single,
+            "onnxruntime_1_thread_latency_ms": 1e3 * single["onnxruntime_1_thread"],
             "torch_batch_images_per_s": rate(lambda: eager(batch), len(batch), repeats),
             "onnxruntime_batch_images_per_s": rate(lambda: served.logits(batch), len(batch), repeats),
             "max_abs_difference": compare_model(cpu_model, served, batch),
@@ -503,7 +509,8 @@ def table(result: dict) -> str:
     f = t["full_vs_timm"]
     if "skipped" in o:
         o = {k: float("nan") for k in ("torch_latency_ms", "onnxruntime_latency_ms", "ratio", "max_abs_difference",
-                                        "max_abs_logit", "torch_batch_images_per_s", "onnxruntime_batch_images_per_s")}
+                                        "max_abs_logit", "onnxruntime_1_thread_latency_ms",
+                                        "torch_batch_images_per_s", "onnxruntime_batch_images_per_s")}
 
     def verdict(value: float, key: str) -> str:
         return f"{value:5.2f}x  (target >= {TARGETS[key]}x: {'met' if value >= TARGETS[key] else 'NOT met'})"
@@ -533,6 +540,8 @@ def table(result: dict) -> str:
         f"one image        PyTorch {o['torch_latency_ms']:7.1f} ms   onnxruntime {o['onnxruntime_latency_ms']:7.1f} ms"
         f"   {verdict(o['ratio'], 'onnx')}   max |diff| {o['max_abs_difference']:.1e} (target <= 1e-4) on logits up to "
         f"{o['max_abs_logit']:.2f}",
+        f"  onnxruntime on one thread {o['onnxruntime_1_thread_latency_ms']:.1f} ms: all threads together "
+        f"{o['onnxruntime_1_thread_latency_ms'] / o['onnxruntime_latency_ms']:.2f}x faster",
         f"batch of {result['evaluation']['batch_size']:<3}     PyTorch {o['torch_batch_images_per_s']:7.1f} img/s   "
         f"onnxruntime {o['onnxruntime_batch_images_per_s']:7.1f} img/s",
         "peak memory      " + ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MB"
