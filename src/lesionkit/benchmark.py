@@ -405,7 +405,7 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
         return evaluation, {"skipped": str(err)}
     served = OnnxClassifier(onnx_file, threads=torch.get_num_threads())  # a like-for-like thread count
     # The same on one thread tells how well the cores shared one image: on a virtual machine whose cores the
-    # host sometimes runs as two threads of one physical core, two threads gained 1.2x instead of 1.9x.
+    # host sometimes runs as two threads of one physical core, two threads gained 1.1x to 1.2x, not 1.8x.
     alone = OnnxClassifier(onnx_file, threads=1)
     one = random_batch(1, (pre.height, pre.width), torch.device("cpu"))[0]
 

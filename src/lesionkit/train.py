@@ -169,7 +169,8 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     # The network first: pretrained weights that cannot be fetched stop the run before it writes its folder,
     # which then stays free for the next attempt. A resumed run takes every weight from its checkpoint.
-    model = create_model(replace(config.model, weights="none") if resume_from else config.model, len(CLASSES))
+    model = create_model(replace(config.model, weights="none") if resume_from is not None else config.model,
+                         len(CLASSES))
     split, skipped = prepare_data(config, out, resume)
     record_run(config, out, split, resume)
     parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
