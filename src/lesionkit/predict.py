@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.backend or ("onnx" if args.checkpoint.suffix == ".onnx" else "torch")) == "onnx":
+    backend = args.backend or ("onnx" if args.checkpoint.suffix == ".onnx" else "torch")
+    if backend == "onnx":
         from lesionkit.export import OnnxClassifier, onnx_path_for
         classifier = OnnxClassifier(onnx_path_for(args.checkpoint))
         height, width = classifier.preprocessing.height, classifier.preprocessing.width
