@@ -76,6 +76,28 @@ def test_evaluate_on_a_split_part(synthetic_run, tmp_path, capsys):
     assert len(pd.read_csv(out / "predictions.csv")) == report["n_images"]
 
 
+def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_run, tmp_path, monkeypatch):
+    import tqdm
+
+    import lesionkit.tta
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+    monkeypatch.setattr(lesionkit.tta, "tqdm", Recorded)
+    data, run = synthetic_run
+    checkpoint = str(run / "checkpoints" / "best.ckpt")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data-dir", str(data), "--split-file",
+                 str(run / "split.csv"), "--split", "test", "--tta", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["predict", "--checkpoint", checkpoint, "--format", "json", str(data)]) == 0
+    tested = (pd.read_csv(run / "split.csv")["split"] == "test").sum()
+    assert [(bar.n, bar.total, bar.desc) for bar in bars] == [
+        (tested, tested, "Predicting, 8 views each"), (len(list(data.rglob("*.jpg"))),) * 2 + ("Predicting",)]
+
+
 def test_predict_any_image_and_report_the_unreadable(synthetic_run, tmp_path, capsys):
     _, run = synthetic_run
     images = tmp_path / "mine"

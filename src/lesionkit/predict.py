@@ -17,6 +17,7 @@ from lesionkit import LesionkitError
 from lesionkit.data import IMAGE_SUFFIXES, load_image
 from lesionkit.inference import Classifier
 from lesionkit.tta import probabilities as tta_probabilities
+from lesionkit.tta import progress
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -49,15 +50,17 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
             results.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
         pending.clear()
 
-    for path in paths:
-        try:
-            pending.append((path, classifier.transform(load_image(path))))
-        except LesionkitError as err:
-            errors.append(str(err))
-        if len(pending) == batch_size:
+    with progress(len(paths), tta) as bar:
+        for path in paths:
+            try:
+                pending.append((path, classifier.transform(load_image(path))))
+            except LesionkitError as err:
+                errors.append(str(err))
+            if len(pending) == batch_size:
+                flush()
+            bar.update()
+        if pending:
             flush()
-    if pending:
-        flush()
     return results, errors
 
 

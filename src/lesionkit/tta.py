@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from lesionkit.calibration import softmax
 from lesionkit.inference import Classifier
@@ -29,9 +30,20 @@ def batch_logits(classifier: Classifier, batch: torch.Tensor, tta: bool) -> torc
     return torch.stack([classifier.logits(view) for view in (views(batch) if tta else [batch])], dim=1)
 
 
+def progress(total: int, tta: bool) -> tqdm:
+    """A progress bar in images for runs long enough to want one (shown after a second, gone when done)."""
+    return tqdm(total=total, desc="Predicting" + (", 8 views each" if tta else ""), unit="img", delay=1,
+                leave=False)
+
+
 def loader_logits(classifier: Classifier, loader: DataLoader, tta: bool) -> np.ndarray:
     """``(n, views, classes)`` logits for every image a loader yields, in order."""
-    return torch.cat([batch_logits(classifier, images, tta) for images, _ in loader]).numpy()
+    logits = []
+    with progress(len(loader.dataset), tta) as bar:
+        for images, _ in loader:
+            logits.append(batch_logits(classifier, images, tta))
+            bar.update(len(images))
+    return torch.cat(logits).numpy()
 
 
 def average_probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
