@@ -233,7 +233,7 @@ CASES = {
         ["m.onnx is an ONNX export", "--backend onnx", "the .ckpt"]),
     "TTA on a non-square ONNX export": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0 and [
         "predict", "--tta", "--checkpoint", str(w / "model.onnx"), str(w / "ham")], 1,
-        ["--tta turns images by 90 degrees", "--backend torch"]),
+        ["--tta turns images by 90 degrees", "lesionkit export --tta", "--backend torch"]),
     "weights file with a pickled payload": (lambda w: malicious_checkpoint(w / "evil.pth", w / "PWNED") and
                                             train(w, "--weights", str(w / "evil.pth")), 1,
                                             ["cannot load weights file", "evil.pth", "never pickled code"]),

@@ -181,6 +181,16 @@ def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsy
         assert a["image"] == b["image"] and a["prediction"] == b["prediction"]
         assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4
 
+    # Test-time augmentation turns 96x128 inputs to 128x96: an export for it serves both.
+    assert main(["export", "--checkpoint", str(checkpoint), "--tta", "--out", str(tmp_path / "tta.onnx")]) == 0
+    assert "or 128 x 96" in capsys.readouterr().out
+    with_tta = {}
+    for name, served in (("torch", checkpoint), ("onnx", tmp_path / "tta.onnx")):
+        assert main(["predict", "--tta", "--checkpoint", str(served), "--format", "json", *map(str, images)]) == 0
+        with_tta[name] = json.loads(capsys.readouterr().out)
+    for a, b in zip(with_tta["torch"], with_tta["onnx"], strict=True):
+        assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4
+
 
 def test_export_pads_same_convolutions_by_constants(tmp_path):
     """tf_ EfficientNets pad their strided convolutions from the input's shape; the export fixes those pads for
@@ -208,9 +218,20 @@ def test_export_pads_same_convolutions_by_constants(tmp_path):
     assert compare_model(model, served, torch.randn(3, 3, 96, 128)) <= 1e-4
 
 
-def test_export_keeps_squeeze_excitation_in_the_blocked_layout(tmp_path):
+def every_node(graph):
+    """The nodes of an ONNX graph and of the graphs inside its nodes (an ``If``'s branches)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from every_node(attribute.g)
+
+
+@pytest.mark.parametrize("turned", [False, True], ids=["upright", "either orientation (export --tta)"])
+def test_export_keeps_squeeze_excitation_in_the_blocked_layout(tmp_path, turned):
     """EfficientNet's gates are exported so that onnxruntime runs the whole network in its blocked layout: no
-    tensor leaves it and comes back around a gate, at any batch size, and the logits are PyTorch's."""
+    tensor leaves it and comes back around a gate, at any batch size, and the logits are PyTorch's. An export
+    for TTA holds a second graph for the input turned by 90 degrees, laid out the same way."""
     import onnx
     import onnxruntime as ort
 
@@ -223,13 +244,15 @@ def test_export_keeps_squeeze_excitation_in_the_blocked_layout(tmp_path):
     images = torch.randn(3, 3, 96, 128)
     batch_statistics(model, images)  # logits of order one, not the 1e-6 of untrained statistics
     pre = Preprocessing(96, 128, (0.5,) * 3, (0.5,) * 3)
-    path = export_model(model, pre, {"classes": ["a", "b"], "preprocessing": pre.to_dict()}, tmp_path / "b0.onnx")
-    exported = {node.op_type for node in onnx.load(str(path)).graph.node}
+    path = export_model(model, pre, {"classes": ["a", "b"], "preprocessing": pre.to_dict()}, tmp_path / "b0.onnx",
+                        turned)
+    exported = {node.op_type for node in every_node(onnx.load(str(path)).graph)}
     assert "ReduceMean" not in exported and {"GlobalAveragePool", "Resize"} <= exported
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath).graph.node
+    optimized = list(every_node(onnx.load(options.optimized_model_filepath).graph))
+    assert ("If" in {node.op_type for node in optimized}) == turned
     if not any(node.domain == "com.microsoft.nchwc" for node in optimized):
         pytest.skip("onnxruntime uses no blocked layout on this processor")
     # Only the final pooled features leave the blocked layout; before, every gate's tensor went out and back in.
@@ -239,6 +262,8 @@ def test_export_keeps_squeeze_excitation_in_the_blocked_layout(tmp_path):
     with torch.inference_mode():
         assert model.eval()(images).abs().max() > 0.01
     assert compare_model(model, served, images) <= 1e-4 and compare_model(model, served, images[:1]) <= 1e-4
+    if turned:
+        assert compare_model(model, served, images.rot90(1, (-2, -1)).contiguous()) <= 1e-4
     assert any(isinstance(m, SqueezeExcite) for m in model.modules()), "the caller's model is left as it was"
     assert model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last), "and in its memory format"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import warnings
 from pathlib import Path
@@ -104,29 +105,79 @@ def name_gate_batches(proto) -> None:
             proto.graph.value_info.append(info)
 
 
-def export_model(model: torch.nn.Module, pre: Preprocessing, meta: dict, out: Path) -> Path:
-    """Write ``model`` (eval mode, on the CPU) to ``out`` with a dynamic batch axis and ``meta`` as metadata."""
+def export_model(model: torch.nn.Module, pre: Preprocessing, meta: dict, out: Path, turned: bool = False) -> Path:
+    """Write ``model`` (eval mode, on the CPU) to ``out`` with a dynamic batch axis and ``meta`` as metadata.
+
+    ``turned`` also serves the input turned by 90 degrees (width x height), as test-time augmentation feeds it:
+    a second graph for that size, chosen by the input's height (the file is twice the size)."""
     try:
         import onnx  # the exporter needs it as well
     except ImportError:
         raise LesionkitError("exporting to ONNX needs the onnx package: pip install onnx") from None
 
-    model = export_form(model, pre.height, pre.width)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer warnings
-        torch.onnx.export(model, (torch.zeros(1, 3, pre.height, pre.width),), str(out), dynamo=False,
-                          opset_version=OPSET, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    proto = onnx.load(str(out))
-    name_gate_batches(proto)
+    proto = _graph(model, pre.height, pre.width)
+    turned = turned and pre.height != pre.width
+    if turned:
+        proto = either_orientation(proto, _graph(model, pre.width, pre.height), pre.height)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps({**meta, "lesionkit_version": __version__})
+    entry.key, entry.value = METADATA_KEY, json.dumps({**meta, "turned": turned, "lesionkit_version": __version__})
+    out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out))
     return out
 
 
-def export_onnx(checkpoint: Path, out: Path) -> Path:
+def _graph(model: torch.nn.Module, height: int, width: int):
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer warnings
+        torch.onnx.export(export_form(model, height, width), (torch.zeros(1, 3, height, width),), buffer,
+                          dynamo=False, opset_version=OPSET, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    name_gate_batches(proto)
+    return proto
+
+
+def either_orientation(upright, turned, height: int):
+    """One model that runs ``upright``'s graph on inputs ``height`` pixels high and ``turned``'s on the others,
+    through an ONNX ``If``. Each branch keeps its own weights, so onnxruntime lays both out blockwise."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def branch(proto, suffix: str):
+        # With every tensor's shape for its own size: the If's input may have either, and without them
+        # onnxruntime cannot tell the first gate's two tensors equal in shape (name_gate_batches).
+        graph = onnx.GraphProto()
+        graph.CopyFrom(onnx.shape_inference.infer_shapes(proto).graph)
+        renamed = {init.name: init.name + suffix for init in graph.initializer}
+        renamed.update({name: name + suffix for node in graph.node for name in node.output})
+        for init in graph.initializer:
+            init.name = renamed[init.name]
+        for node in graph.node:
+            node.name += suffix
+            node.input[:] = [renamed.get(name, name) for name in node.input]  # "image" stays the outer input
+            node.output[:] = [renamed[name] for name in node.output]
+        for info in [*graph.value_info, *graph.output]:
+            info.name = renamed.get(info.name, info.name)
+        del graph.input[:]
+        graph.name = "lesionkit" + suffix
+        return graph
+
+    nodes = [helper.make_node("Shape", ["image"], ["image_height"], start=2, end=3),
+             helper.make_node("Equal", ["image_height", "upright_height"], ["height_matches"]),
+             helper.make_node("Squeeze", ["height_matches"], ["is_upright"]),
+             helper.make_node("If", ["is_upright"], ["logits"], then_branch=branch(upright, "/upright"),
+                              else_branch=branch(turned, "/turned"))]
+    graph = helper.make_graph(nodes, "lesionkit", [upright.graph.input[0]], [upright.graph.output[0]],
+                              [numpy_helper.from_array(np.array([height], dtype=np.int64), "upright_height")])
+    graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"  # either size, now
+    graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"
+    return helper.make_model(graph, opset_imports=upright.opset_import, producer_name=upright.producer_name)
+
+
+def export_onnx(checkpoint: Path, out: Path, turned: bool = False) -> Path:
     """Write ``checkpoint``'s network to ``out``, carrying its classes, preprocessing and temperature."""
     from lesionkit.inference import Classifier
 
@@ -134,7 +185,7 @@ def export_onnx(checkpoint: Path, out: Path) -> Path:
     meta = {"model_name": classifier.meta["model_name"], "classes": classifier.classes,
             "preprocessing": classifier.preprocessing.to_dict(),
             "temperature": float(getattr(classifier, "temperature", 1.0)), "checkpoint": str(checkpoint)}
-    return export_model(classifier.model, classifier.preprocessing, meta, out)
+    return export_model(classifier.model, classifier.preprocessing, meta, out, turned)
 
 
 class OnnxClassifier:
@@ -190,6 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="file to write (default: the checkpoint's name with .onnx)")
     parser.add_argument("--check", nargs="*", type=Path, default=[], metavar="IMAGE_OR_FOLDER",
                         help="real images to compare PyTorch and onnxruntime on (default: 4 random inputs)")
+    parser.add_argument("--tta", action="store_true",
+                        help="also serve the inputs turned by 90 degrees that `predict --tta` feeds (a second "
+                             "graph: the file is twice the size)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     from lesionkit.inference import Classifier
     from lesionkit.predict import collect_images
 
-    out = export_onnx(args.checkpoint, args.out or onnx_path_for(args.checkpoint))
+    out = export_onnx(args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
     onnx_model = OnnxClassifier(out)
     pre = onnx_model.preprocessing
     batch = torch.randn(4, 3, pre.height, pre.width, generator=torch.Generator().manual_seed(0))
@@ -206,10 +260,13 @@ def run(args: argparse.Namespace) -> int:
         paths = collect_images(args.check)
         batch = torch.stack([onnx_model.transform(load_image(p)) for p in paths])
         what = f"{len(paths)} image(s)"
-    difference = compare_model(Classifier.load(args.checkpoint, "cpu").model, onnx_model, batch)
+    model = Classifier.load(args.checkpoint, "cpu").model
+    views = [batch, batch.rot90(1, (-2, -1)).contiguous()] if onnx_model.meta["turned"] else [batch]
+    difference = max(compare_model(model, onnx_model, view) for view in views)
+    turned = f" or {pre.width} x {pre.height}" if onnx_model.meta["turned"] else ""
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, classes {', '.join(onnx_model.classes)}, "
-          f"input batch x 3 x {pre.height} x {pre.width})\nmax |PyTorch - onnxruntime| logit difference on "
-          f"{what}: {difference:.2e}")
+          f"input batch x 3 x {pre.height} x {pre.width}{turned})\nmax |PyTorch - onnxruntime| logit difference on "
+          f"{what}{' and their 90-degree turns' if turned else ''}: {difference:.2e}")
     if difference > 1e-3:
         raise LesionkitError(f"onnxruntime's logits differ from PyTorch's by {difference:.2e} (> 1e-3): "
                              f"do not use this export; report the model name and versions")

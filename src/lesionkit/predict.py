@@ -88,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower; "
-                             "PyTorch only, unless the input is square)")
+                        help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower; with "
+                             "--backend onnx, the file of `lesionkit export --tta`)")
     parser.add_argument("--backend", choices=("torch", "onnx"),
                         help="onnx: onnxruntime on the file `lesionkit export` wrote (the .onnx beside X.ckpt), about "
                              "twice as fast per image on a CPU (default: onnx for --checkpoint X.onnx, else torch)")
@@ -101,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
         from lesionkit.export import OnnxClassifier, onnx_path_for
         classifier = OnnxClassifier(onnx_path_for(args.checkpoint))
         height, width = classifier.preprocessing.height, classifier.preprocessing.width
-        if args.tta and height != width:
-            raise LesionkitError(f"--tta turns images by 90 degrees, from {height}x{width} to {width}x{height}, and an "
-                                 f"ONNX export serves {height}x{width} only: for --tta, predict with PyTorch "
-                                 f"(--backend torch and the .ckpt)")
+        if args.tta and height != width and not classifier.meta.get("turned"):
+            raise LesionkitError(f"--tta turns images by 90 degrees, from {height}x{width} to {width}x{height}, and "
+                                 f"this export serves {height}x{width} only: export it with `lesionkit export --tta`, "
+                                 f"or predict with PyTorch (--backend torch and the .ckpt)")
     else:
         classifier = Classifier.load(args.checkpoint, args.device)
     results, errors = predict_paths(classifier, collect_images(args.images), args.batch_size, args.tta)
