@@ -260,12 +260,12 @@ def run(args: argparse.Namespace) -> int:
         paths = collect_images(args.check)
         batch = torch.stack([onnx_model.transform(load_image(p)) for p in paths])
         what = f"{len(paths)} image(s)"
-    model = Classifier.load(args.checkpoint, "cpu").model
-    views = [batch, batch.rot90(1, (-2, -1)).contiguous()] if onnx_model.meta["turned"] else [batch]
+    model, turned = Classifier.load(args.checkpoint, "cpu").model, onnx_model.meta["turned"]
+    views = [batch, batch.rot90(1, (-2, -1)).contiguous()] if turned else [batch]
     difference = max(compare_model(model, onnx_model, view) for view in views)
-    turned = f" or {pre.width} x {pre.height}" if onnx_model.meta["turned"] else ""
+    sizes = f"{pre.height} x {pre.width}" + (f" or {pre.width} x {pre.height}" if turned else "")
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, classes {', '.join(onnx_model.classes)}, "
-          f"input batch x 3 x {pre.height} x {pre.width}{turned})\nmax |PyTorch - onnxruntime| logit difference on "
+          f"input batch x 3 x {sizes})\nmax |PyTorch - onnxruntime| logit difference on "
           f"{what}{' and their 90-degree turns' if turned else ''}: {difference:.2e}")
     if difference > 1e-3:
         raise LesionkitError(f"onnxruntime's logits differ from PyTorch's by {difference:.2e} (> 1e-3): "
