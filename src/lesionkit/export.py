@@ -177,11 +177,9 @@ def either_orientation(upright, turned, height: int):
     return helper.make_model(graph, opset_imports=upright.opset_import, producer_name=upright.producer_name)
 
 
-def export_onnx(checkpoint: Path, out: Path, turned: bool = False) -> Path:
-    """Write ``checkpoint``'s network to ``out``, carrying its classes, preprocessing and temperature."""
-    from lesionkit.inference import Classifier
-
-    classifier = Classifier.load(checkpoint, "cpu")
+def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = False) -> Path:
+    """Write the network of ``classifier`` (``checkpoint`` loaded by ``lesionkit.inference.Classifier``) to
+    ``out``, carrying its classes, preprocessing and temperature."""
     meta = {"model_name": classifier.meta["model_name"], "classes": classifier.classes,
             "preprocessing": classifier.preprocessing.to_dict(),
             "temperature": float(getattr(classifier, "temperature", 1.0)), "checkpoint": str(checkpoint)}
@@ -251,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
     from lesionkit.inference import Classifier
     from lesionkit.predict import collect_images
 
-    out = export_onnx(args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
+    classifier = Classifier.load(args.checkpoint, "cpu")
+    out = export_classifier(classifier, args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
     onnx_model = OnnxClassifier(out)
     pre = onnx_model.preprocessing
     batch = torch.randn(4, 3, pre.height, pre.width, generator=torch.Generator().manual_seed(0))
@@ -260,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         paths = collect_images(args.check)
         batch = torch.stack([onnx_model.transform(load_image(p)) for p in paths])
         what = f"{len(paths)} image(s)"
-    model, turned = Classifier.load(args.checkpoint, "cpu").model, onnx_model.meta["turned"]
+    model, turned = classifier.model, onnx_model.meta["turned"]
     views = [batch, batch.rot90(1, (-2, -1)).contiguous()] if turned else [batch]
     difference = max(compare_model(model, onnx_model, view) for view in views)
     sizes = f"{pre.height} x {pre.width}" + (f" or {pre.width} x {pre.height}" if turned else "")
