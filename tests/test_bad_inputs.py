@@ -257,6 +257,8 @@ CASES = {
     "out is a file": (lambda w: put(w / "file", "mine") or train(w, out="file"), 1, ["is a file, not a folder"]),
     "data folder missing": (lambda w: train(w, "--data-dir", str(w / "nowhere")), 1,
                             ["nowhere does not exist: check --data-dir"]),
+    "data folder missing, weights unloadable too": (lambda w: put(w / "wrong.pth", b"no weights") or train(
+        w, "--data-dir", str(w / "nowhere"), "--weights", str(w / "wrong.pth")), 1, ["nowhere does not exist"]),
     "data folder is a file": (lambda w: train(w, "--data-dir", str(w / "tiny.yaml")), 1, ["is a file, not a folder"]),
     "data folder without metadata": (lambda w: (w / "empty").mkdir() or train(w, "--data-dir", str(w / "empty")), 1,
                                      ["no HAM10000_metadata.csv under", "lesionkit download"]),

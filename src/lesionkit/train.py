@@ -29,7 +29,7 @@ from lesionkit import CLASSES, LesionkitError
 from lesionkit.cache import build_cache
 from lesionkit.checkpoints import AtomicCheckpointIO, EpochSeed, check_compatible, load_checkpoint
 from lesionkit.config import Config, PhaseConfig, TrainConfig, save_config
-from lesionkit.data import find_metadata, limit_per_class, load_dataset, refuse_problems, summary
+from lesionkit.data import Dataset, find_metadata, limit_per_class, load_dataset, refuse_problems, summary
 from lesionkit.evaluate import evaluate_frame
 from lesionkit.features import feature_loaders
 from lesionkit.loader import ImageDataset, make_loader
@@ -120,10 +120,16 @@ def prepare_out_dir(out: Path, resume: bool) -> bool:
     return False
 
 
-def prepare_data(config: Config, out: Path, resume: bool) -> tuple[pd.DataFrame, list[str]]:
-    """Check the data, make or reuse the split; return the split frame (with paths) and the skipped ids."""
+def check_data(config: Config) -> Dataset:
+    """The data folder read and every image decoded; missing or unreadable ones refused unless allowed."""
     dataset = load_dataset(config.data.data_dir, config.data.metadata)
     refuse_problems(dataset, config.data.allow_missing)
+    return dataset
+
+
+def prepare_data(config: Config, dataset: Dataset, out: Path, resume: bool) -> tuple[pd.DataFrame, list[str]]:
+    """Make or reuse the split of the checked ``dataset``; return the split frame (with paths) and the skipped
+    ids."""
     skipped = sorted(dataset.problems)
     if skipped:
         atomic_write_csv(pd.DataFrame({"image_id": skipped, "problem": [dataset.problems[i] for i in skipped]}),
@@ -167,11 +173,13 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     if resume_from is not None:
         check_compatible(resume_from, last, config.model.name, list(CLASSES))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    # The network first: pretrained weights that cannot be fetched stop the run before it writes its folder,
-    # which then stays free for the next attempt. A resumed run takes every weight from its checkpoint.
+    # The local checks first, then the network: bad data, or pretrained weights that cannot be fetched, stop the
+    # run before it writes its folder, which then stays free for the next attempt. A resumed run takes every
+    # weight from its checkpoint.
+    dataset = check_data(config)
     model = create_model(replace(config.model, weights="none") if resume_from is not None else config.model,
                          len(CLASSES))
-    split, skipped = prepare_data(config, out, resume)
+    split, skipped = prepare_data(config, dataset, out, resume)
     record_run(config, out, split, resume)
     parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
     module, pre = build_module(config, model, parts["train"])
