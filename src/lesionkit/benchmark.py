@@ -291,7 +291,7 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
 
 def cpu_description() -> str:
     """The processor, its core count and the widest vector instructions PyTorch uses on it: the ratios depend on
-    it (the README's Speed section has two 2-core machines whose onnxruntime figures differ)."""
+    it (docs/speed.md has three 2-core machines whose onnxruntime figures differ)."""
     name = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
