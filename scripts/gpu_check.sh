@@ -24,8 +24,12 @@ BENCH_FLAGS=${BENCH_FLAGS:-}   # e.g. "--quick" to try the script out
 TRAIN_FLAGS=${TRAIN_FLAGS:-}   # e.g. "--set data.per_class_limit=5"
 mkdir -p "$OUT"
 
-# No build isolation: it would fetch setuptools from the network. The source tree works as a fallback.
-python -m pip install --quiet --no-deps --no-build-isolation -e . || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# Installed unless lesionkit already imports from this checkout (as after `make install`). No build isolation:
+# it would fetch setuptools from the network. The source tree works as a fallback.
+imported_from=$(python -c 'import lesionkit, os; print(os.path.realpath(lesionkit.__file__))' 2>/dev/null || true)
+if [ "$imported_from" != "$(pwd -P)/src/lesionkit/__init__.py" ]; then
+  python -m pip install --quiet --no-deps --no-build-isolation -e . || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python - <<'PY' | tee "$OUT/environment.txt"
 import importlib.util, os, torch
 print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",

@@ -343,3 +343,27 @@ def test_new_commands_are_registered(command, capsys):
     assert exit_.value.code == 0 and f"usage: lesionkit {command}" in capsys.readouterr().out
     args = build_parser().parse_args(["train", "--out", "r", "--num-nodes", "2", "--strategy", "ddp"])
     assert (args.num_nodes, args.strategy) == (2, "ddp")
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
+    """scripts/gpu_check.sh meets a GPU only on a lent machine with minutes to spare: here it runs whole, on tiny
+    settings, from the data scripts/pack_device_data.py packs, as it would run there."""
+    ham = make_ham_folder(tmp_path / "ham")
+    device = tmp_path / "device"
+    packed = subprocess.run([sys.executable, str(REPO / "scripts" / "pack_device_data.py"), "--data", str(ham),
+                             "--out", str(device)], capture_output=True, text=True, env=QUIET_ENV, timeout=120)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert sorted(p.name for p in (device / "ham10000").rglob("*.jpg")) == sorted(p.name for p in ham.rglob("*.jpg"))
+    out = tmp_path / "out"
+    env = {**QUIET_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OUT": str(out),
+           "DATA": str(device / "ham10000"), "WEIGHTS": str(device / "lite1.safetensors"), "RUN": str(tmp_path / "run"),
+           "CONFIG": "configs/smoke.yaml", "BENCH_FLAGS": "--quick --model mobilenetv3_small_050"}
+    checked = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    assert "missing modules: none" in (out / "environment.txt").read_text()
+    figures = json.loads((out / "benchmark.json").read_text())
+    assert figures["cache"]["ratio"] > 0 and figures["onnx"]["ratio"] > 0
+    assert re.search(r"full run \(configs/smoke.yaml.*\): exit 0, wall time \d+ s", (out / "benchmark.txt").read_text())
+    assert list(pd.read_csv(out / "metrics.csv")["phase"]) == ["head", "finetune"]
+    assert json.loads((out / "report.json").read_text())["n_images"] > 0
