@@ -264,6 +264,9 @@ def run(args: argparse.Namespace) -> int:
     out = export_classifier(classifier, args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
     onnx_model = OnnxClassifier(out)
     pre, turned = onnx_model.preprocessing, onnx_model.meta["turned"]
+    sizes = f"{pre.height} x {pre.width}" + (f" or {pre.width} x {pre.height}" if turned else "")
+    print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, classes {', '.join(onnx_model.classes)}, "
+          f"input batch x 3 x {sizes})", flush=True)  # before the check, which may meet an unreadable image
     if args.check:
         paths = collect_images(args.check)
         what = f"{len(paths)} image(s)"
@@ -278,10 +281,8 @@ def run(args: argparse.Namespace) -> int:
         for view in [batch, batch.rot90(1, (-2, -1)).contiguous()] if turned else [batch]:
             view_difference, view_largest = compare_model(classifier.model, onnx_model, view)
             difference, largest = max(difference, view_difference), max(largest, view_largest)
-    sizes = f"{pre.height} x {pre.width}" + (f" or {pre.width} x {pre.height}" if turned else "")
-    print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, classes {', '.join(onnx_model.classes)}, "
-          f"input batch x 3 x {sizes})\nmax |PyTorch - onnxruntime| logit difference on "
-          f"{what}{' and their 90-degree turns' if turned else ''}: {difference:.2e} (logits up to {largest:.3g})")
+    print(f"max |PyTorch - onnxruntime| logit difference on {what}{' and their 90-degree turns' if turned else ''}: "
+          f"{difference:.2e} (logits up to {largest:.3g})")
     if difference > 1e-3:
         raise LesionkitError(f"onnxruntime's logits differ from PyTorch's by {difference:.2e} (> 1e-3): "
                              f"do not use this export; report the model name and versions")
