@@ -6,6 +6,7 @@ every case, every file that existed before is still there, byte for byte: nothin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -301,6 +302,19 @@ def test_weights_that_cannot_load_leave_the_run_folder_free_for_the_next_try(wor
     assert main(train(w, "--weights", str(w / "wrong.pth"))) == 1
     assert "wrong.pth" in capsys.readouterr().err
     assert main(train(w)) == 0, capsys.readouterr().err  # the same --out: not "already holds a run"
+
+
+def test_a_cache_without_room_leaves_the_run_folder_free_for_the_next_try(world, tmp_path, capsys, monkeypatch):
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("lesionkit.cache.os.posix_fallocate", full_disk)
+    assert main(train(w, "--set", f"data.cache_dir={w / 'cache'}")) == 1
+    assert "no room for the image cache" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(train(w, "--set", f"data.cache_dir={w / 'cache'}")) == 0, capsys.readouterr().err
 
 
 def test_the_table_is_wide():

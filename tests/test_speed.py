@@ -1,6 +1,7 @@
 """Speed without changing results: the image cache, cheap frozen phases, stored features, ONNX export,
 DDP on two CPU processes, and the benchmark command. Timings are never asserted, only what they rest on."""
 
+import errno
 import json
 import os
 import re
@@ -85,6 +86,20 @@ def test_cache_is_reused_and_rebuilt_when_data_or_size_change(originals, tmp_pat
     (tmp_path / "file").write_text("")
     with pytest.raises(LesionkitError, match="data.cache_dir"):
         build_cache(originals, pre, tmp_path / "file" / "cache")
+
+
+def test_a_cache_without_room_is_refused_before_it_is_written(originals, tmp_path, monkeypatch):
+    """The cache file is mapped sparse; its blocks are reserved before any image is written, since a disk that ran
+    out under the map killed the process with SIGBUS (measured on a 2 MB tmpfs: "Bus error", no message)."""
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("lesionkit.cache.os.posix_fallocate", full_disk)
+    pre = Preprocessing(64, 88, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
+    with pytest.raises(LesionkitError, match="no room for the image cache .* data.cache_dir .* data.cache=false"):
+        build_cache(originals, pre, tmp_path)
+    assert not list(tmp_path.iterdir()), "nothing is left behind"
+    monkeypatch.undo()  # a file system that has room: the cache builds and reads back
+    assert build_cache(originals, pre, tmp_path).array.shape[0] == len(originals)
 
 
 @pytest.mark.parametrize("unfreeze", [0, 1])

@@ -14,6 +14,7 @@ data or another input size builds a new cache instead of reading a stale one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -119,6 +120,22 @@ class ImageCache:
         return Image.fromarray(np.array(self.array[self.rows[image_id]]))
 
 
+def reserve_space(path: Path) -> None:
+    """Give the freshly mapped file ``path`` all its disk blocks now. The file starts sparse and would get them
+    page by page as the map is written; where the disk ran out on the way, the kernel stopped the process with
+    SIGBUS ("Bus error"): no message, and a sparse file of the full size left behind."""
+    with open(path, "r+b") as file:
+        size = os.fstat(file.fileno()).st_size
+        try:
+            os.posix_fallocate(file.fileno(), 0, size)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                return  # a file system that cannot reserve: the map fills the file as it goes
+            raise LesionkitError(f"no room for the image cache ({size / 1e9:.2f} GB) in {path.parent} ({err.strerror}):"
+                                 f" free space there, set data.cache_dir to a folder on another disk, or set "
+                                 f"data.cache=false to read the images every epoch") from None
+
+
 def build_cache(frame: pd.DataFrame, pre: Preprocessing, cache_dir: str | Path | None = None, *,
                 workers: int = 8, progress: bool = True) -> ImageCache:
     """Open the cache of ``frame``'s images (``image_id``, ``path``) for ``pre``, building it if needed.
@@ -141,9 +158,10 @@ def build_cache(frame: pd.DataFrame, pre: Preprocessing, cache_dir: str | Path |
         raise LesionkitError(f"cannot create the image cache folder {cache_dir} ({err}): set data.cache_dir to a "
                              f"writable folder, or data.cache=false") from None
     tmp = cache_dir / f"{key}.{os.getpid()}.tmp.npy"
-    # 10,015 images at 272x363x3 are 3.0 GB on disk; the page cache keeps the hot part in memory.
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
     try:
+        # 10,015 images at 272x363x3 are 3.0 GB on disk; the page cache keeps the hot part in memory.
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), height, width, 3))
+        reserve_space(tmp)
         with ThreadPoolExecutor(workers) as pool:
             decoded = pool.map(lambda p: decode_cover(Path(p), pre), paths)
             for row, pixels in enumerate(tqdm(decoded, total=len(paths), desc=f"Caching images at {width}x{height}",

@@ -173,17 +173,17 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     if resume_from is not None:
         check_compatible(resume_from, last, config.model.name, list(CLASSES))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    # The local checks first, then the network: bad data, or pretrained weights that cannot be fetched, stop the
-    # run before it writes its folder, which then stays free for the next attempt. A resumed run takes every
-    # weight from its checkpoint.
+    # The local checks first, then the network: bad data, pretrained weights that cannot be fetched, or an image
+    # cache without room stop the run before it writes its config, so the folder stays free for the next attempt.
+    # A resumed run takes every weight from its checkpoint.
     dataset = check_data(config)
     model = create_model(replace(config.model, weights="none") if resume_from is not None else config.model,
                          len(CLASSES))
     split, skipped = prepare_data(config, dataset, out, resume)
-    record_run(config, out, split, resume)
     parts = {name: split[split["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
     module, pre = build_module(config, model, parts["train"])
     cache = build_cache(split, pre, config.data.cache_dir) if config.data.cache else None
+    record_run(config, out, split, resume)
     workers, batch = config.data.num_workers, config.data.batch_size
     train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache),
                                batch, train=True, workers=workers)
