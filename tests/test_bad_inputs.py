@@ -317,6 +317,27 @@ def test_a_cache_without_room_leaves_the_run_folder_free_for_the_next_try(world,
     assert main(train(w, "--set", f"data.cache_dir={w / 'cache'}")) == 0, capsys.readouterr().err
 
 
+def test_an_export_that_meets_a_full_disk_leaves_the_earlier_export_whole(world, tmp_path, capsys, monkeypatch):
+    import onnx
+
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    assert main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0
+    earlier = (w / "model.onnx").read_bytes()
+    real_save = onnx.save
+
+    def save_half(proto, path):
+        real_save(proto, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(onnx, "save", save_half)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(w / "model.ckpt"), "--tta"]) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "model.onnx" in err and "Traceback" not in err
+    assert (w / "model.onnx").read_bytes() == earlier and not list(w.glob(".model.onnx.*"))
+
+
 def test_the_table_is_wide():
     assert len(CASES) >= 25
 

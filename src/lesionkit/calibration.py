@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from lesionkit import LesionkitError
-from lesionkit.runfolder import file_hash
+from lesionkit.runfolder import atomic_write_text, file_hash
 
 FILE_NAME = "temperature.json"
 # T between e^-3 and e^3 (0.05..20): beyond that the model is broken, not miscalibrated.
@@ -48,7 +48,8 @@ def save_temperature(checkpoint: Path, temperature: float, details: dict) -> Pat
     path = checkpoint.parent / FILE_NAME
     entries = json.loads(path.read_text()) if path.is_file() else {}
     entries[checkpoint.name] = {"temperature": temperature, "sha256": file_hash(checkpoint, "sha256"), **details}
-    path.write_text(json.dumps(entries, indent=2))
+    # Atomic: the file holds every checkpoint's T, and a write cut short would lose them all.
+    atomic_write_text(path, json.dumps(entries, indent=2), "temperatures")
     return path
 
 

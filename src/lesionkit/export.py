@@ -23,6 +23,7 @@ from timm.layers.padding import pad_same_arg
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 from lesionkit import LesionkitError, __version__
+from lesionkit.runfolder import atomic_write
 from lesionkit.transforms import Preprocessing, eval_transform
 
 METADATA_KEY = "lesionkit"
@@ -125,7 +126,7 @@ def export_model(model: torch.nn.Module, pre: Preprocessing, meta: dict, out: Pa
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps({**meta, "turned": turned, "lesionkit_version": __version__})
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)), "ONNX export")  # an earlier export stays whole
     return out
 
 

@@ -42,7 +42,7 @@ def disk_error(err: OSError, path: Path | str, what: str = "file") -> LesionkitE
     """A user-facing message for a failed write: what failed, why, and that the old file is untouched."""
     reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
     return LesionkitError(f"could not write {what} {path}: {reason}. The previous version of it is intact; "
-                          f"free some space (or fix the folder) and continue with --resume")
+                          f"free some space (or fix the folder) and run again (a training run: with --resume)")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], what: str = "file") -> None:
