@@ -235,6 +235,9 @@ CASES = {
     "TTA on a non-square ONNX export": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0 and [
         "predict", "--tta", "--checkpoint", str(w / "model.onnx"), str(w / "ham")], 1,
         ["--tta turns images by 90 degrees", "lesionkit export --tta", "--backend torch"]),
+    "export checked on a path that does not exist": (lambda w: [
+        "export", "--checkpoint", str(w / "model.ckpt"), "--check", str(w / "nowhere")], 1,
+        ["nowhere does not exist", "give image files or folders"]),
     "export checked on an unreadable image": (lambda w: put(w / "bad.jpg", b"not a JPEG") or [
         "export", "--checkpoint", str(w / "model.ckpt"), "--check", str(w / "bad.jpg")], 1,
         ["bad.jpg", "replace or remove the file"]),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same_arg
 from timm.models._efficientnet_blocks import SqueezeExcite
+from tqdm import tqdm
 
 from lesionkit import LesionkitError, __version__
 from lesionkit.runfolder import atomic_write
@@ -261,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     from lesionkit.inference import Classifier
     from lesionkit.predict import collect_images
 
+    paths = collect_images(args.check) if args.check else []  # a wrong path is named before anything is written
     classifier = Classifier.load(args.checkpoint, "cpu")
     out = export_classifier(classifier, args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
     onnx_model = OnnxClassifier(out)
@@ -268,8 +270,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = f"{pre.height} x {pre.width}" + (f" or {pre.width} x {pre.height}" if turned else "")
     print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, classes {', '.join(onnx_model.classes)}, "
           f"input batch x 3 x {sizes})", flush=True)  # before the check, which may meet an unreadable image
-    if args.check:
-        paths = collect_images(args.check)
+    if paths:
         what = f"{len(paths)} image(s)"
         # Loaded a batch at a time: a folder of thousands of images need not fit in memory at once.
         batches = (torch.stack([onnx_model.transform(load_image(p)) for p in paths[i:i + CHECK_BATCH]])
@@ -278,10 +279,12 @@ def run(args: argparse.Namespace) -> int:
         what = "4 random inputs"
         batches = [torch.randn(4, 3, pre.height, pre.width, generator=torch.Generator().manual_seed(0))]
     difference = largest = 0.0
-    for batch in batches:
-        for view in [batch, batch.rot90(1, (-2, -1)).contiguous()] if turned else [batch]:
-            view_difference, view_largest = compare_model(classifier.model, onnx_model, view)
-            difference, largest = max(difference, view_difference), max(largest, view_largest)
+    with tqdm(total=len(paths) or 4, desc="Comparing with PyTorch", unit="img", delay=1, leave=False) as bar:
+        for batch in batches:
+            for view in [batch, batch.rot90(1, (-2, -1)).contiguous()] if turned else [batch]:
+                view_difference, view_largest = compare_model(classifier.model, onnx_model, view)
+                difference, largest = max(difference, view_difference), max(largest, view_largest)
+            bar.update(len(batch))
     print(f"max |PyTorch - onnxruntime| logit difference on {what}{' and their 90-degree turns' if turned else ''}: "
           f"{difference:.2e} (logits up to {largest:.3g})")
     if difference > 1e-3:
