@@ -28,7 +28,8 @@ mkdir -p "$OUT"
 # it would fetch setuptools from the network. The source tree works as a fallback.
 imported_from=$(python -c 'import lesionkit, os; print(os.path.realpath(lesionkit.__file__))' 2>/dev/null || true)
 if [ "$imported_from" != "$(pwd -P)/src/lesionkit/__init__.py" ]; then
-  python -m pip install --quiet --no-deps --no-build-isolation -e . || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+  python -m pip install --quiet --no-deps --no-build-isolation -e . ||
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python - <<'PY' | tee "$OUT/environment.txt"
 import importlib.util, os, torch

@@ -34,8 +34,8 @@ TINY = {"data": {"image_size": [48, 64], "batch_size": 8, "num_workers": 0}, "sp
         "train": {"accelerator": "cpu", "phases": [{"name": "head", "epochs": 1, "lr": 1e-3}]}}
 
 
-def fake_checkpoint(path: Path, model_name: str = "test_efficientnet", classes=CLASSES, *, weights_of: str | None = None,
-                    num_classes: int | None = None, version: str = "0.1.0") -> Path:
+def fake_checkpoint(path: Path, model_name: str = "test_efficientnet", classes=CLASSES, *,
+                    weights_of: str | None = None, num_classes: int | None = None, version: str = "0.1.0") -> Path:
     """A checkpoint as `lesionkit train` writes it (what inference reads), without training: ~0.5 MB, 0.1 s."""
     model = timm.create_model(weights_of or model_name, num_classes=num_classes or len(classes))
     meta = {"model_name": model_name, "classes": list(classes), "lesionkit_version": version,
@@ -184,24 +184,25 @@ CASES = {
     # metadata
     "metadata missing column": (lambda w: metadata(w, lambda f: f.drop(columns="dx")) or train(w), 1,
                                 ["HAM10000_metadata.csv", "lacks column(s) dx"]),
-    "metadata unknown label": (lambda w: metadata(w, lambda f: f.assign(dx=["melanoma"] + list(f["dx"][1:]))) or train(w),
-                               1, ["unknown label(s) melanoma on row(s) 2", "dx must be one of"]),
+    "metadata unknown label": (lambda w: metadata(w, lambda f: f.assign(dx=["melanoma"] + list(f["dx"][1:])))
+                               or train(w), 1, ["unknown label(s) melanoma on row(s) 2", "dx must be one of"]),
     "metadata duplicated image_id": (lambda w: metadata(w, lambda f: pd.concat([f, f.head(1)])) or train(w), 1,
                                      ["image_id listed more than once: ISIC_0000000"]),
     "metadata empty file": (lambda w: put(w / "ham" / "HAM10000_metadata.csv", "") or train(w), 1,
                             ["HAM10000_metadata.csv is empty"]),
     "metadata header only": (lambda w: metadata(w, lambda f: f.head(0)) or train(w), 1, ["header but no rows"]),
-    "metadata wrong delimiter": (lambda w: put(w / "ham" / "HAM10000_metadata.csv", 
+    "metadata wrong delimiter": (lambda w: put(w / "ham" / "HAM10000_metadata.csv",
         pd.read_csv(w / "ham" / "HAM10000_metadata.csv").to_csv(sep=";", index=False)) or train(w), 1,
         ["lacks column(s)", "comma-separated"]),
     "metadata blank lesion_id": (lambda w: metadata(w, lambda f: f.assign(lesion_id=[None] + list(f["lesion_id"][1:])))
                                  or train(w), 1, ["column lesion_id is blank on row(s) 2"]),
     "metadata with too few lesions": (lambda w: metadata(w, lambda f: f.head(4)) or train(w), 1,
                                       ["only 2 lesion(s) to split", "split.val_fraction"]),
-    "metadata with BOM works": (lambda w: put(w / "ham" / "HAM10000_metadata.csv", 
+    "metadata with BOM works": (lambda w: put(w / "ham" / "HAM10000_metadata.csv",
         (w / "ham" / "HAM10000_metadata.csv").read_text(), encoding="utf-8-sig") or check(w), 0, ["OK"]),
     "metadata NaN age works": (lambda w: metadata(w, lambda f: f.assign(age=np.nan)) or check(w), 0, ["OK"]),
-    "metadata extra columns work": (lambda w: metadata(w, lambda f: f.assign(extra=1, notes="x")) or check(w), 0, ["OK"]),
+    "metadata extra columns work": (lambda w: metadata(w, lambda f: f.assign(extra=1, notes="x")) or check(w), 0,
+                                    ["OK"]),
     # split files
     "split from other data": (lambda w: train(w, "--split-file", split_file(
         w, lambda f: f.assign(image_id=f["image_id"].str.replace("ISIC", "OTHER")))), 1,
@@ -209,7 +210,8 @@ CASES = {
     "split with a lesion in two parts": (lambda w: train(w, "--split-file", split_file(
         w, lambda f: f.assign(split=["val"] + ["train"] * (len(f) - 1)))), 1,
         ["puts lesion(s) HAM_0000000 in more than one part"]),
-    "split lists an image twice": (lambda w: train(w, "--split-file", split_file(w, lambda f: pd.concat([f, f.tail(1)]))),
+    "split lists an image twice": (lambda w: train(w, "--split-file",
+                                                   split_file(w, lambda f: pd.concat([f, f.tail(1)]))),
                                    1, ["split.csv lists image(s) ISIC_0000055 more than once"]),
     "split empty file": (lambda w: put(w / "split.csv", "") or train(w, "--split-file", str(w / "split.csv")),
                          1, ["split file", "is empty"]),
@@ -244,10 +246,12 @@ CASES = {
     "weights file with a pickled payload": (lambda w: malicious_checkpoint(w / "evil.pth", w / "PWNED") and
                                             train(w, "--weights", str(w / "evil.pth")), 1,
                                             ["cannot load weights file", "evil.pth", "never pickled code"]),
-    "resume from a pickled payload": (lambda w: malicious_checkpoint(w / "run" / "checkpoints" / "last.ckpt", w / "PWNED")
+    "resume from a pickled payload": (lambda w: malicious_checkpoint(w / "run" / "checkpoints" / "last.ckpt",
+                                                                     w / "PWNED")
                                       and ["train", "--out", str(w / "run"), "--resume"], 1,
                                       ["last.ckpt", "could run arbitrary code"]),
-    "resume from another architecture": (lambda w: fake_checkpoint(w / "run" / "checkpoints" / "last.ckpt", "test_resnet")
+    "resume from another architecture": (lambda w: fake_checkpoint(w / "run" / "checkpoints" / "last.ckpt",
+                                                                   "test_resnet")
                                          and ["train", "--out", str(w / "run"), "--resume"], 1,
                                          ["holds a test_resnet model", "configured for test_efficientnet"]),
     # configs

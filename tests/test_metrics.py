@@ -109,7 +109,8 @@ def test_temperature_scaling_fixes_an_over_confident_model():
     before = expected_calibration_error(labels[test], softmax(logits[test]))
     after = expected_calibration_error(labels[test], softmax(logits[test], temperature))
     assert after < 0.5 * before
-    assert brier_score(labels[test], softmax(logits[test], temperature)) < brier_score(labels[test], softmax(logits[test]))
+    scaled, plain = softmax(logits[test], temperature), softmax(logits[test])
+    assert brier_score(labels[test], scaled) < brier_score(labels[test], plain)
     np.testing.assert_array_equal(softmax(logits, temperature).argmax(1), logits.argmax(1))
 
 
@@ -151,7 +152,8 @@ def test_compare_puts_reports_side_by_side(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "report.json").write_text(json.dumps({
             "balanced_accuracy": value, "accuracy": 0.8, "macro_f1": 0.5, "macro_auc": 0.9,
-            "melanoma_sensitivity": 0.4, "n_images": 100, "intervals": {"balanced_accuracy": [value - 0.05, value + 0.04]},
+            "melanoma_sensitivity": 0.4, "n_images": 100,
+            "intervals": {"balanced_accuracy": [value - 0.05, value + 0.04]},
             "ece": {"before": 0.1, "after": 0.03}, "settings": {"tta": name == "b", "temperature": 1.5}}))
     table = comparison_table([tmp_path / "a", tmp_path / "b" / "report.json"])
     assert list(table["balanced accuracy"]) == ["61.0% [56.0, 65.0]", "55.0% [50.0, 59.0]"]

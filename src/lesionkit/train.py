@@ -173,9 +173,9 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     if resume_from is not None:
         check_compatible(resume_from, last, config.model.name, list(CLASSES))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    # The local checks first, then the network: bad data, pretrained weights that cannot be fetched, or an image
-    # cache without room stop the run before it writes its config, so the folder stays free for the next attempt.
-    # A resumed run takes every weight from its checkpoint.
+    # Bad data, then pretrained weights that cannot be fetched (the local checks before the network), then an
+    # image cache without room: each stops the run before it writes its config, so the folder stays free for the
+    # next attempt. A resumed run takes every weight from its checkpoint.
     dataset = check_data(config)
     model = create_model(replace(config.model, weights="none") if resume_from is not None else config.model,
                          len(CLASSES))
