@@ -126,14 +126,17 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``command`` given, only that subcommand's arguments: each one's module
+    imports what it runs on (torch, timm, Lightning: seconds), and ``predict`` should not wait for ``train``'s."""
     parser = argparse.ArgumentParser(
         prog="lesionkit", description="Train, evaluate and serve skin-lesion classifiers (HAM10000).")
     parser.add_argument("--version", action="version", version=f"lesionkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub)
+        if command in (None, name):
+            add_arguments(sub)
         sub.set_defaults(run=run)
     data = commands.add_parser("data", help="inspect a data folder", description="inspect a data folder")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
@@ -146,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The first word that is not an option names the command (the top level has only --help and --version).
+    command = next((word for word in argv if not word.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
     hold_freed_memory()  # CPU tensors reuse freed memory instead of page-faulting in fresh memory
     try:
         return args.run(args)

@@ -27,7 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from lesionkit import CLASSES, LesionkitError
 from lesionkit.cache import build_cache
-from lesionkit.checkpoints import AtomicCheckpointIO, EpochSeed, check_compatible, load_checkpoint
+from lesionkit.checkpoints import check_compatible, load_checkpoint
 from lesionkit.config import Config, PhaseConfig, TrainConfig, save_config
 from lesionkit.data import Dataset, find_metadata, limit_per_class, load_dataset, refuse_problems, summary
 from lesionkit.evaluate import evaluate_frame
@@ -35,6 +35,7 @@ from lesionkit.features import feature_loaders
 from lesionkit.loader import ImageDataset, make_loader
 from lesionkit.model import create_model
 from lesionkit.module import MONITOR, LesionClassifier
+from lesionkit.resume import AtomicCheckpointIO, EpochSeed
 from lesionkit.runfolder import atomic_write, atomic_write_csv, data_fingerprint, run_lock, write_provenance
 from lesionkit.split import make_split, read_split, save_split
 from lesionkit.transforms import Preprocessing, eval_transform, train_transform
