@@ -26,7 +26,7 @@ from PIL import Image
 from conftest import make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
-from lesionkit.data import load_image
+from lesionkit.images import load_image
 from lesionkit.transforms import Preprocessing
 
 TINY = {"data": {"image_size": [48, 64], "batch_size": 8, "num_workers": 0}, "split": {"val_fraction": 0.25},

@@ -79,7 +79,7 @@ def test_evaluate_on_a_split_part(synthetic_run, tmp_path, capsys):
 def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_run, tmp_path, monkeypatch):
     import tqdm
 
-    import lesionkit.tta
+    import lesionkit.predict
 
     bars = []
 
@@ -87,7 +87,7 @@ def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
-    monkeypatch.setattr(lesionkit.tta, "tqdm", Recorded)
+    monkeypatch.setattr(lesionkit.predict, "tqdm", Recorded)
     data, run = synthetic_run
     checkpoint = str(run / "checkpoints" / "best.ckpt")
     assert main(["evaluate", "--checkpoint", checkpoint, "--data-dir", str(data), "--split-file",

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import write_image
 from lesionkit import LesionkitError
-from lesionkit.data import index_images, limit_per_class, load_dataset, load_image, read_metadata, summary
+from lesionkit.data import index_images, limit_per_class, load_dataset, read_metadata, summary
+from lesionkit.images import load_image
 
 
 def test_reads_official_layout(ham_folder):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lesionkit import LesionkitError
-from lesionkit.data import MAX_ASPECT, load_image
+from lesionkit.images import MAX_ASPECT, load_image
 from lesionkit.inference import Classifier
 from lesionkit.predict import predict_paths
 from test_bad_inputs import fake_checkpoint

@@ -15,7 +15,7 @@ import torch
 
 from conftest import FULLRES, REPO, make_ham_folder, write_image
 from lesionkit import LesionkitError
-from lesionkit.cache import build_cache, cover_size
+from lesionkit.cache import build_cache
 from lesionkit.config import ModelConfig, load_config
 from lesionkit.features import head_logits
 from lesionkit.loader import ImageDataset
@@ -49,7 +49,7 @@ def test_cache_gives_the_uncached_pixels(originals, tmp_path):
     # At 240x320 with crop_pct 0.875 nothing can be drafted from 600x450: the cached path is bit-identical.
     pre = Preprocessing(240, 320, (0.5,) * 3, (0.5,) * 3, "bicubic", 0.875)
     cache = build_cache(originals, pre, tmp_path)
-    assert cache.array.shape == (len(originals), *cover_size(pre), 3) and cache.array.dtype == "uint8"
+    assert cache.array.shape == (len(originals), *pre.cover, 3) and cache.array.dtype == "uint8"
     plain = ImageDataset.from_frame(originals, eval_transform(pre))
     cached = ImageDataset.from_frame(originals, eval_transform(pre), cache)
     # Off-4:3 images are stored cut to the cover box where the final centre crop will look: identical too.
@@ -193,6 +193,15 @@ def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsy
         assert main(["predict", "--checkpoint", *choice, "--format", "json", *map(str, images)]) == 0
         answers[name] = json.loads(capsys.readouterr().out)
     assert answers["onnx by its name"] == answers["onnx"]
+    # Served from a fresh process, as a user runs it: the same answers, and nothing of PyTorch imported.
+    code = ("import json, sys; from lesionkit.cli import main; code = main(sys.argv[1:]); print(json.dumps("
+            "[m for m in ('torch', 'timm', 'lightning', 'torchvision') if m in sys.modules]), file=sys.stderr)")
+    fresh = subprocess.run([sys.executable, "-c", code, "predict", "--checkpoint",
+                            str(run / "checkpoints" / "best.onnx"), "--format", "json", *map(str, images)],
+                           capture_output=True, text=True, env=QUIET_ENV, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert json.loads(fresh.stdout) == answers["onnx"]
+    assert json.loads(fresh.stderr.strip().splitlines()[-1]) == [], "predict --backend onnx needs no PyTorch"
     for a, b in zip(answers["torch"], answers["onnx"], strict=True):
         assert a["image"] == b["image"] and a["prediction"] == b["prediction"]
         assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in a["probabilities"]) < 1e-4

@@ -51,3 +51,19 @@ def test_one_pass_normalisation_is_torchvisions():
         out = ours(image)
         assert out.is_contiguous() and out.dtype == torch.float32
         assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_serving_frames_images_exactly_as_torchvision_does():
+    """predict --backend onnx frames images with Pillow and NumPy alone (lesionkit.preprocessing.eval_array):
+    the same numbers as eval_transform, to the bit, for any size, crop and interpolation."""
+    import numpy as np
+
+    from lesionkit.preprocessing import eval_array
+
+    images = [Image.effect_noise(size, 60).convert("RGB") for size in ((600, 450), (300, 500), (97, 61), (240, 180))]
+    presets = [PRE, Preprocessing(240, 320, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875),
+               Preprocessing(224, 224, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)]
+    for pre in presets:
+        for image in images:
+            expected = eval_transform(pre)(image).numpy()
+            assert np.array_equal(eval_array(image, pre), expected), (pre, image.size)

@@ -29,7 +29,7 @@ from torchvision.transforms.functional import InterpolationMode
 from tqdm import tqdm
 
 from lesionkit import LesionkitError
-from lesionkit.data import load_image
+from lesionkit.images import load_image
 from lesionkit.transforms import Preprocessing, ResizeCover
 
 FORMAT_VERSION = 1  # bump when the stored pixels change meaning
@@ -41,11 +41,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lesionkit"
 
 
-def cover_size(pre: Preprocessing) -> tuple[int, int]:
-    """The eval transform's cover size ``(height, width)``: what the transforms scale every image to first."""
-    return round(pre.height / pre.crop_pct), round(pre.width / pre.crop_pct)
-
-
 def _offset(size: int, box: int, crop: int) -> int:
     """Where to cut ``box`` out of ``size`` so that centre-cropping ``crop`` from the box takes the very pixels
     that centre-cropping ``crop`` from the whole would (torchvision rounds each centre offset)."""
@@ -54,7 +49,7 @@ def _offset(size: int, box: int, crop: int) -> int:
 
 
 def decode_cover(path: Path, pre: Preprocessing) -> np.ndarray:
-    """One image at the cover size (``cover_size(pre)``) as uint8: scaled to cover it, aspect kept, and cut
+    """One image at the cover size (``pre.cover``) as uint8: scaled to cover it, aspect kept, and cut
     to it around the centre, so that the eval transform's centre crop finds the pixels it would have found.
 
     JPEGs decode at a reduced DCT scale (PIL's ``draft``) when the result still covers twice the box: a
@@ -62,7 +57,7 @@ def decode_cover(path: Path, pre: Preprocessing) -> np.ndarray:
     scaling away (0.3 levels of 255 from the full decode on average, measured; at once the box: 2.2).
     Other formats go through ``load_image``.
     """
-    height, width = cover_size(pre)
+    height, width = pre.cover
     try:
         with Image.open(path) as image:
             if image.format != "JPEG":
@@ -84,7 +79,7 @@ def decode_cover(path: Path, pre: Preprocessing) -> np.ndarray:
 
 def cache_key(paths: list[str], pre: Preprocessing) -> str:
     # The crop matters too: the stored box is placed so that the final centre crop lands where it would.
-    digest = hashlib.sha256(f"v{FORMAT_VERSION} {cover_size(pre)} {pre.height}x{pre.width} {pre.interpolation}\n"
+    digest = hashlib.sha256(f"v{FORMAT_VERSION} {pre.cover} {pre.height}x{pre.width} {pre.interpolation}\n"
                             .encode())
     for path in paths:
         stat = os.stat(path)
@@ -146,7 +141,7 @@ def build_cache(frame: pd.DataFrame, pre: Preprocessing, cache_dir: str | Path |
     """
     frame = frame.drop_duplicates("image_id")
     ids, paths = list(frame["image_id"]), list(frame["path"])
-    height, width = cover_size(pre)
+    height, width = pre.cover
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = cache_key(paths, pre)
     array_path, index_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"

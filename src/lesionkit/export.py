@@ -1,5 +1,5 @@
 """``lesionkit export``: a checkpoint as an ONNX file that onnxruntime serves, with its classes and
-preprocessing inside; and ``OnnxClassifier``, which ``predict --backend onnx`` uses in place of PyTorch.
+preprocessing inside, for :class:`lesionkit.serving.OnnxClassifier` (``predict --backend onnx``).
 
 On 2 CPU cores onnxruntime answers one 240x320 image about twice as fast as PyTorch eager, up to 2.9x depending
 on the processor and the network (fused convolutions and BatchNorm, no Python between layers);
@@ -24,10 +24,10 @@ from timm.models._efficientnet_blocks import SqueezeExcite
 from tqdm import tqdm
 
 from lesionkit import LesionkitError, __version__
+from lesionkit.preprocessing import Preprocessing
 from lesionkit.runfolder import atomic_write
-from lesionkit.transforms import Preprocessing, eval_transform
+from lesionkit.serving import METADATA_KEY, OnnxClassifier, onnx_path_for
 
-METADATA_KEY = "lesionkit"
 # ONNX opset 17 (2022) runs on every onnxruntime since 1.13; the legacy TorchScript exporter needs no
 # onnxscript and behaves the same in torch 2.4 to 2.14.
 OPSET = 17
@@ -191,47 +191,6 @@ def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = Fa
     return export_model(classifier.model, classifier.preprocessing, meta, out, turned)
 
 
-class OnnxClassifier:
-    """An exported network under onnxruntime, with the same ``classes``, ``transform``, ``logits()`` and
-    ``probabilities()`` as ``lesionkit.inference.Classifier``."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise LesionkitError("--backend onnx needs onnxruntime: pip install onnxruntime") from None
-        path = Path(path)
-        if not path.is_file():
-            raise LesionkitError(f"ONNX file {path} does not exist: write it with `lesionkit export --checkpoint C`")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own exception types for corrupt files
-            raise LesionkitError(f"cannot load {path} with onnxruntime: {str(err).splitlines()[0]}") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if raw is None:
-            raise LesionkitError(f"{path} carries no lesionkit metadata: export it with `lesionkit export`")
-        self.meta = json.loads(raw)
-        self.classes = list(self.meta["classes"])
-        self.preprocessing = Preprocessing(**self.meta["preprocessing"])
-        self.temperature = float(self.meta.get("temperature", 1.0))
-        self.transform = eval_transform(self.preprocessing)
-
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(batch.numpy(), dtype=np.float32)})
-        return torch.from_numpy(logits)
-
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return (self.logits(batch) / self.temperature).softmax(dim=1)
-
-
-def onnx_path_for(checkpoint: Path) -> Path:
-    """``best.ckpt`` -> ``best.onnx`` beside it; an ``.onnx`` path stays as it is."""
-    return checkpoint if checkpoint.suffix == ".onnx" else checkpoint.with_suffix(".onnx")
-
-
 @torch.inference_mode()
 def compare_model(model: torch.nn.Module, served: OnnxClassifier, images: torch.Tensor,
                   batch_size: int = CHECK_BATCH) -> tuple[float, float]:
@@ -240,7 +199,7 @@ def compare_model(model: torch.nn.Module, served: OnnxClassifier, images: torch.
     difference = largest = 0.0
     model.eval()
     for batch in images.split(batch_size):
-        served_logits = served.logits(batch)
+        served_logits = torch.from_numpy(served.logits(batch.numpy()))
         difference = max(difference, float((model(batch).float() - served_logits).abs().max()))
         largest = max(largest, float(served_logits.abs().max()))
     return difference, largest
@@ -258,7 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lesionkit.data import load_image
+    from lesionkit.images import load_image
     from lesionkit.inference import Classifier
     from lesionkit.predict import collect_images
 
@@ -273,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     if paths:
         what = f"{len(paths)} image(s)"
         # Loaded a batch at a time: a folder of thousands of images need not fit in memory at once.
-        batches = (torch.stack([onnx_model.transform(load_image(p)) for p in paths[i:i + CHECK_BATCH]])
+        batches = (torch.from_numpy(np.stack([onnx_model.transform(load_image(p)) for p in paths[i:i + CHECK_BATCH]]))
                    for i in range(0, len(paths), CHECK_BATCH))
     else:
         what = "4 random inputs"

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from lesionkit import CLASSES, LesionkitError
-from lesionkit.data import Dataset, check_decodable, index_images
+from lesionkit.data import Dataset, index_images
+from lesionkit.images import check_decodable
 
 ISIC2018_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lesionkit import CLASSES
 from lesionkit.cache import ImageCache
-from lesionkit.data import load_image
+from lesionkit.images import load_image
 
 
 class ImageDataset(Dataset):

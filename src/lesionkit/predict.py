@@ -1,6 +1,8 @@
 """``lesionkit predict``: class probabilities for a user's own images, of any size or mode.
 
 An unreadable file gets a message on stderr and the exit code 1; every other image still gets its answer.
+With ``--backend onnx`` nothing of PyTorch is imported (:mod:`lesionkit.serving`): one image takes about half a
+second from the command line instead of four.
 """
 
 from __future__ import annotations
@@ -11,13 +13,28 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+import numpy as np
+from tqdm import tqdm
 
 from lesionkit import LesionkitError
-from lesionkit.data import IMAGE_SUFFIXES, load_image
-from lesionkit.inference import Classifier
-from lesionkit.tta import probabilities as tta_probabilities
-from lesionkit.tta import progress
+from lesionkit.images import IMAGE_SUFFIXES, load_image
+from lesionkit.serving import OnnxClassifier, onnx_path_for
+
+
+def progress(total: int, tta: bool) -> tqdm:
+    """A progress bar in images for runs long enough to want one (shown after a second, gone when done)."""
+    return tqdm(total=total, desc="Predicting" + (", 8 views each" if tta else ""), unit="img", delay=1,
+                leave=False)
+
+
+def batch_probabilities(classifier, images: list, tta: bool) -> np.ndarray:
+    """``(n, classes)`` probabilities of transformed ``images``, averaged over the eight views with ``tta``."""
+    if isinstance(classifier, OnnxClassifier):  # NumPy through and through
+        return classifier.probabilities(np.stack(images), tta)
+    import torch
+
+    from lesionkit.tta import probabilities
+    return probabilities(classifier, torch.stack(images), tta).numpy()
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -35,7 +52,7 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 16,
+def predict_paths(classifier, paths: list[Path], batch_size: int = 16,
                   tta: bool = False) -> tuple[list[dict], list[str]]:
     """One ``{"image", "prediction", "probabilities"}`` record per readable image, and one error per other.
 
@@ -44,7 +61,7 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
     results, errors, pending = [], [], []
 
     def flush():
-        probabilities = tta_probabilities(classifier, torch.stack([tensor for _, tensor in pending]), tta)
+        probabilities = batch_probabilities(classifier, [image for _, image in pending], tta)
         for (path, _), row in zip(pending, probabilities.tolist(), strict=True):
             scores = dict(zip(classifier.classes, row, strict=True))
             results.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
@@ -98,7 +115,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     backend = args.backend or ("onnx" if args.checkpoint.suffix == ".onnx" else "torch")
     if backend == "onnx":
-        from lesionkit.export import OnnxClassifier, onnx_path_for
         classifier = OnnxClassifier(onnx_path_for(args.checkpoint))
         height, width = classifier.preprocessing.height, classifier.preprocessing.width
         if args.tta and height != width and not classifier.meta.get("turned"):
@@ -106,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
                                  f"this export serves {height}x{width} only: export it with `lesionkit export --tta`, "
                                  f"or predict with PyTorch (--backend torch and the .ckpt)")
     else:
+        from lesionkit.inference import Classifier
         classifier = Classifier.load(args.checkpoint, args.device)
     results, errors = predict_paths(classifier, collect_images(args.images), args.batch_size, args.tta)
     write(results, classifier.classes, args.format, sys.stdout)

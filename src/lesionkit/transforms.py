@@ -1,5 +1,6 @@
-"""Image presets. Size, mean, std, interpolation and crop come from the weights' own config (timm's
-``resolve_model_data_config``); nothing here knows 224 or the ImageNet mean.
+"""Image presets for training and evaluation, with torchvision. Size, mean, std, interpolation and crop come
+from the weights' own config (:class:`lesionkit.preprocessing.Preprocessing`); nothing here knows 224 or the
+ImageNet mean.
 
 Dermoscopy frames are 4:3 (600x450): images are scaled to cover the target and centre-cropped, never
 squashed, so any photo a user brings keeps its proportions.
@@ -7,37 +8,13 @@ squashed, so any photo a user brings keeps its proportions.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.functional import InterpolationMode
 
 from lesionkit.config import AugmentConfig
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What a checkpoint must carry so that ``predict`` sees images exactly as training did."""
-
-    height: int
-    width: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    crop_pct: float = 1.0
-
-    @classmethod
-    def from_model_config(cls, data_config: dict, image_size: list[int] | None) -> Preprocessing:
-        """Build from timm's resolved data config; the default size keeps the weights' scale at 4:3."""
-        side = data_config["input_size"][-1]
-        height, width = image_size or (side, round(side * 4 / 3))
-        return cls(height, width, tuple(data_config["mean"]), tuple(data_config["std"]),
-                   data_config.get("interpolation", "bicubic"), data_config.get("crop_pct", 1.0))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+from lesionkit.preprocessing import Preprocessing, cover_shape
 
 
 class ResizeCover(torch.nn.Module):
@@ -48,10 +25,8 @@ class ResizeCover(torch.nn.Module):
         self.height, self.width, self.interpolation = height, width, interpolation
 
     def forward(self, image):
-        width, height = v2.functional.get_size(image)[::-1]
-        scale = max(self.height / height, self.width / width)
-        size = [max(self.height, round(height * scale)), max(self.width, round(width * scale))]
-        return v2.functional.resize(image, size, interpolation=self.interpolation, antialias=True)
+        size = cover_shape(*v2.functional.get_size(image), (self.height, self.width))
+        return v2.functional.resize(image, list(size), interpolation=self.interpolation, antialias=True)
 
 
 class ToNormalizedTensor(torch.nn.Module):
@@ -77,7 +52,7 @@ class ToNormalizedTensor(torch.nn.Module):
 def eval_transform(pre: Preprocessing) -> v2.Compose:
     """Deterministic: cover ``size / crop_pct``, then centre-crop ``size``, as the weights were evaluated."""
     interpolation = InterpolationMode(pre.interpolation)
-    cover = ResizeCover(round(pre.height / pre.crop_pct), round(pre.width / pre.crop_pct), interpolation)
+    cover = ResizeCover(*pre.cover, interpolation)
     return v2.Compose([cover, v2.CenterCrop((pre.height, pre.width)), ToNormalizedTensor(pre.mean, pre.std)])
 
 
@@ -86,7 +61,7 @@ def train_transform(pre: Preprocessing, aug: AugmentConfig) -> v2.Compose:
     if not aug.enabled:
         return eval_transform(pre)
     interpolation = InterpolationMode(pre.interpolation)
-    cover = ResizeCover(round(pre.height / pre.crop_pct), round(pre.width / pre.crop_pct), interpolation)
+    cover = ResizeCover(*pre.cover, interpolation)
     return v2.Compose([
         cover,
         v2.RandomHorizontalFlip(aug.hflip),

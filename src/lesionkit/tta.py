@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from lesionkit.calibration import softmax
 from lesionkit.inference import Classifier
+from lesionkit.predict import progress
 
 VIEW_NAMES = ("identity", "rot90", "rot180", "rot270", "hflip", "hflip+rot90", "hflip+rot180", "hflip+rot270")
 
@@ -28,12 +28,6 @@ def views(batch: torch.Tensor) -> list[torch.Tensor]:
 def batch_logits(classifier: Classifier, batch: torch.Tensor, tta: bool) -> torch.Tensor:
     """``(n, views, classes)`` logits: one view without TTA, eight with it."""
     return torch.stack([classifier.logits(view) for view in (views(batch) if tta else [batch])], dim=1)
-
-
-def progress(total: int, tta: bool) -> tqdm:
-    """A progress bar in images for runs long enough to want one (shown after a second, gone when done)."""
-    return tqdm(total=total, desc="Predicting" + (", 8 views each" if tta else ""), unit="img", delay=1,
-                leave=False)
 
 
 def loader_logits(classifier: Classifier, loader: DataLoader, tta: bool) -> np.ndarray:
