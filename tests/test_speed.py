@@ -352,6 +352,7 @@ def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
     assert full["images_per_s"] > 0 and full["timm_train_py_images_per_s"] > 0 and full["size"] == [64, 64]
     assert f"{os.cpu_count()} cores" in figures["cpu"], "the figures name the processor that produced them"
     assert "GPU available" not in result.stderr and "Tip:" not in result.stderr, "Lightning's notes stay out"
+    assert "[6/6] waiting for data" in result.stderr, "each measurement is announced as it starts"
     from lesionkit.benchmark import table
 
     text = table(figures)  # what the command prints without --json

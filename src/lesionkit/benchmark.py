@@ -311,6 +311,16 @@ def memory(device: torch.device) -> dict:
     return peak
 
 
+STAGES = ("data loading: JPEGs against the cache", "serving: onnxruntime against PyTorch eager",
+          "training phases: lesionkit's freezing against the naive way", "memory held against glibc's defaults",
+          "full network: lesionkit against timm's train.py loop", "waiting for data")
+
+
+def announce(stage: int) -> None:
+    """One line on stderr as each measurement starts: on a CPU the whole takes minutes (--json keeps stdout)."""
+    print(f"[{stage + 1}/{len(STAGES)}] {STAGES[stage]}", file=sys.stderr, flush=True)
+
+
 def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size: int, steps: int = 10) -> dict:
     """Every measurement of the module docstring, as one JSON-ready dict."""
     device = _device()
@@ -327,19 +337,25 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
         else:
             source, frame = str(data_dir), load_dataset(data_dir, decode=False).usable
             frame = frame.head(24) if quick else frame
+        announce(0)
         data = bench_data(frame, pre, tmp / "cache")
         cache = data.pop("cache")
         steps = 2 if quick else steps
         # Serving before training: on the 2-core development machine, after minutes of load on both cores the
         # host let two threads share one image at 1.2x the speed of one instead of 1.8x, for a minute or more.
+        announce(1)
         evaluation, onnx = bench_inference(model, pre, meta, 4 if quick else batch_size, steps, device, tmp)
         train_size = (pre.height, pre.width)
+        announce(2)
         training = bench_training(model, train_size, 4 if quick else batch_size, steps, device)
+        announce(3)
         allocator = bench_allocator(model_name, train_size, 4 if quick else batch_size, steps) \
             if device.type == "cpu" else {"skipped": "CPU memory only"}
         # Against timm's reference train.py: the full network at 224x224, batch 32, channels-last.
+        announce(4)
         training["full_vs_timm"] = bench_full_network(frame, model_name, 64 if quick else 224, 4 if quick else 32,
                                                       steps, tmp / "cache", device)
+        announce(5)
         wait = bench_loader_wait(model, frame, pre, cache, 4 if quick else batch_size, steps + 1, device)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
             f"threads)", "cpu": cpu_description(), "model": model_name, "input": [pre.height, pre.width],
