@@ -16,6 +16,7 @@ from lesionkit import LesionkitError
 from lesionkit.images import MAX_ASPECT, load_image
 from lesionkit.inference import Classifier
 from lesionkit.predict import predict_paths
+from lesionkit.preprocessing import eval_array
 from test_bad_inputs import fake_checkpoint
 
 # ~200 examples in all, ~10 s: enough to walk Pillow's header parsers past their magic numbers every run.
@@ -75,6 +76,8 @@ def test_random_small_images_load_upright_rgb_and_predict(tmp_path, classifier, 
         assert loaded is None  # refused, with a message naming the file
         return
     assert loaded is not None and loaded.size == size
+    # The torch-free framing of predict --backend onnx gives the very same input, at every odd size and aspect.
+    assert np.array_equal(eval_array(loaded, classifier.preprocessing), classifier.transform(loaded).numpy())
     results, errors = predict_paths(classifier, [path])
     assert not errors and len(results) == 1
     assert sum(results[0]["probabilities"].values()) == pytest.approx(1, abs=1e-5)
