@@ -112,8 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower; with "
                              "--backend onnx, the file of `lesionkit export --tta`)")
     parser.add_argument("--backend", choices=("torch", "onnx"),
-                        help="onnx: onnxruntime on the file `lesionkit export` wrote (the .onnx beside X.ckpt), about "
-                             "twice as fast per image on a CPU (default: onnx for --checkpoint X.onnx, else torch)")
+                        help="onnx: onnxruntime on the file `lesionkit export` wrote (the .onnx beside X.ckpt): "
+                             "starts without loading PyTorch and runs about twice as fast per image on a CPU "
+                             "(default: onnx for --checkpoint X.onnx, else torch)")
 
 
 def run(args: argparse.Namespace) -> int:
