@@ -120,6 +120,25 @@ def test_predict_any_image_and_report_the_unreadable(synthetic_run, tmp_path, ca
     assert lines[0] == "image,prediction," + ",".join(CLASSES) and len(lines) == 2
 
 
+def test_predict_writes_answers_as_they_come_and_ctrl_c_keeps_them(synthetic_run, tmp_path, capsys, monkeypatch):
+    import lesionkit.predict
+
+    data, run = synthetic_run
+    real, calls = lesionkit.predict.batch_probabilities, []
+
+    def interrupted_after_one_batch(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(lesionkit.predict, "batch_probabilities", interrupted_after_one_batch)
+    code = main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "json",
+                 "--batch-size", "4", str(data)])
+    captured = capsys.readouterr()
+    assert code == 130 and "interrupted" in captured.err
+    assert len(json.loads(captured.out)) == 4, "the first batch's answers, as valid JSON"
+
+
 def test_resume_continues_a_run_and_a_finished_folder_is_not_overwritten(synthetic_run, capsys):
     data, run = synthetic_run
     assert train(data, run) == 1

@@ -12,7 +12,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -57,19 +57,24 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def predict_paths(classifier: Classifier | OnnxClassifier, paths: list[Path], batch_size: int = 16,
-                  tta: bool = False) -> tuple[list[dict], list[str]]:
+                  tta: bool = False, emit: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], list[str]]:
     """One ``{"image", "prediction", "probabilities"}`` record per readable image, and one error per other.
 
-    ``tta`` averages the probabilities of eight flipped and rotated views (:mod:`lesionkit.tta`).
+    ``tta`` averages the probabilities of eight flipped and rotated views (:mod:`lesionkit.tta`); ``emit``, when
+    given, receives each batch's records as soon as they are known.
     """
     results, errors, pending = [], [], []
 
     def flush():
         probabilities = batch_probabilities(classifier, [image for _, image in pending], tta)
+        batch = []
         for (path, _), row in zip(pending, probabilities.tolist(), strict=True):
             scores = dict(zip(classifier.classes, row, strict=True))
-            results.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
+            batch.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
         pending.clear()
+        results.extend(batch)
+        if emit:
+            emit(batch)
 
     with progress(len(paths), tta) as bar:
         for path in paths:
@@ -85,21 +90,41 @@ def predict_paths(classifier: Classifier | OnnxClassifier, paths: list[Path], ba
     return results, errors
 
 
-def write(results: list[dict], classes: list[str], fmt: str, stream) -> None:
-    if fmt == "json":
-        json.dump(results, stream, indent=2)
-        stream.write("\n")
-    elif fmt == "csv":
-        writer = csv.writer(stream)
-        writer.writerow(["image", "prediction", *classes])
-        for r in results:
-            writer.writerow([r["image"], r["prediction"], *(f"{r['probabilities'][c]:.6f}" for c in classes)])
-    else:
-        width = max([len("image")] + [len(r["image"]) for r in results])
-        stream.write(f"{'image':<{width}}  {'prediction':<10}  " + "  ".join(f"{c:>6}" for c in classes) + "\n")
-        for r in results:
-            stream.write(f"{r['image']:<{width}}  {r['prediction']:<10}  "
-                         + "  ".join(f"{r['probabilities'][c]:6.3f}" for c in classes) + "\n")
+class Output:
+    """Records written as they come, so that a long run shows its answers at once and an interrupted one keeps
+    them; ``close()`` ends the output (the JSON list's bracket), also after Ctrl-C."""
+
+    def __init__(self, fmt: str, classes: list[str], stream, paths: list[Path]):
+        self.fmt, self.classes, self.stream, self.count = fmt, classes, stream, 0
+        # The table's first column fits every path given, known before any answer.
+        self.width = max([len("image")] + [len(str(path)) for path in paths])
+        if fmt == "csv":
+            self.csv = csv.writer(stream)
+            self.csv.writerow(["image", "prediction", *classes])
+        elif fmt == "table":
+            stream.write(f"{'image':<{self.width}}  {'prediction':<10}  " + "  ".join(f"{c:>6}" for c in classes)
+                         + "\n")
+        else:
+            stream.write("[")
+
+    def write(self, records: list[dict]) -> None:
+        for r in records:
+            if self.fmt == "json":  # the layout of json.dump(all_records, indent=2), one record at a time
+                item = "\n".join("  " + line for line in json.dumps(r, indent=2).splitlines())
+                self.stream.write(("," if self.count else "") + "\n" + item)
+            elif self.fmt == "csv":
+                scores = (f"{r['probabilities'][c]:.6f}" for c in self.classes)
+                self.csv.writerow([r["image"], r["prediction"], *scores])
+            else:
+                self.stream.write(f"{r['image']:<{self.width}}  {r['prediction']:<10}  "
+                                  + "  ".join(f"{r['probabilities'][c]:6.3f}" for c in self.classes) + "\n")
+            self.count += 1
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write("\n]\n" if self.count else "]\n")
+        self.stream.flush()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,8 +154,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         from lesionkit.inference import Classifier
         classifier = Classifier.load(args.checkpoint, args.device)
-    results, errors = predict_paths(classifier, collect_images(args.images), args.batch_size, args.tta)
-    write(results, classifier.classes, args.format, sys.stdout)
+    paths = collect_images(args.images)
+    output = Output(args.format, classifier.classes, sys.stdout, paths)
+    try:
+        _, errors = predict_paths(classifier, paths, args.batch_size, args.tta, emit=output.write)
+    finally:
+        output.close()
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 1 if errors else 0
