@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +26,9 @@ from lesionkit.serving import OnnxClassifier, onnx_path_for
 
 if TYPE_CHECKING:  # imports torch and timm: only the torch backend loads it, when it runs
     from lesionkit.inference import Classifier
+
+# Threads that decode and frame images while the network works: Pillow and NumPy release the GIL.
+DECODERS = min(8, os.cpu_count() or 1)
 
 
 def progress(total: int, tta: bool) -> tqdm:
@@ -65,6 +71,12 @@ def predict_paths(classifier: Classifier | OnnxClassifier, paths: list[Path], ba
     """
     results, errors, pending = [], [], []
 
+    def prepare(path: Path):
+        try:
+            return path, classifier.transform(load_image(path)), None
+        except LesionkitError as err:
+            return path, None, str(err)
+
     def flush():
         probabilities = batch_probabilities(classifier, [image for _, image in pending], tta)
         batch = []
@@ -76,18 +88,30 @@ def predict_paths(classifier: Classifier | OnnxClassifier, paths: list[Path], ba
         if emit:
             emit(batch)
 
-    with progress(len(paths), tta) as bar:
-        for path in paths:
-            try:
-                pending.append((path, classifier.transform(load_image(path))))
-            except LesionkitError as err:
-                errors.append(str(err))
+    with ThreadPoolExecutor(DECODERS) as pool, progress(len(paths), tta) as bar:
+        for path, image, error in ahead(pool, prepare, paths, 2 * batch_size):
+            if error:
+                errors.append(error)
+            else:
+                pending.append((path, image))
             if len(pending) == batch_size:
                 flush()
             bar.update()
         if pending:
             flush()
     return results, errors
+
+
+def ahead(pool: ThreadPoolExecutor, function: Callable, items: list, lookahead: int) -> Iterator:
+    """``function(item)`` for each item in order, computed by ``pool`` up to ``lookahead`` items ahead: the
+    decoding of the next images overlaps the network's work on this batch, and memory stays bounded."""
+    running = deque()
+    for item in items:
+        running.append(pool.submit(function, item))
+        if len(running) > lookahead:
+            yield running.popleft().result()
+    while running:
+        yield running.popleft().result()
 
 
 class Output:
