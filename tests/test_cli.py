@@ -139,6 +139,18 @@ def test_predict_writes_answers_as_they_come_and_ctrl_c_keeps_them(synthetic_run
     assert len(json.loads(captured.out)) == 4, "the first batch's answers, as valid JSON"
 
 
+def test_predict_into_a_reader_that_stops_early_ends_quietly(synthetic_run):
+    """`lesionkit predict ... | head -1`: the answers stream, so the pipe closes mid-run; no traceback."""
+    data, run = synthetic_run
+    command = [sys.executable, "-m", "lesionkit.cli", "predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"),
+               "--format", "csv", "--batch-size", "1", str(data)]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().startswith("image,prediction")
+    reader.stdout.close()
+    err = reader.stderr.read()
+    assert reader.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_resume_continues_a_run_and_a_finished_folder_is_not_overwritten(synthetic_run, capsys):
     data, run = synthetic_run
     assert train(data, run) == 1
