@@ -76,6 +76,22 @@ def test_evaluate_on_a_split_part(synthetic_run, tmp_path, capsys):
     assert len(pd.read_csv(out / "predictions.csv")) == report["n_images"]
 
 
+def test_evaluate_reads_the_image_cache_training_left(synthetic_run, tmp_path, monkeypatch):
+    """A part of a run's split is read from the run's image cache: no image is decoded, and the report is the one
+    training wrote for that part."""
+    import lesionkit.loader
+
+    def decoded(path):
+        raise AssertionError(f"{path} was decoded, not read from the cache")
+    monkeypatch.setattr(lesionkit.loader, "load_image", decoded)
+    data, run = synthetic_run
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--data-dir", str(data),
+                 "--split-file", str(run / "split.csv"), "--split", "test", "--workers", "0", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["balanced_accuracy"] == json.loads((run / "test" / "report.json").read_text())["balanced_accuracy"]
+
+
 def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_run, tmp_path, monkeypatch):
     import tqdm
 

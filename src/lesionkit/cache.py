@@ -131,6 +131,25 @@ def reserve_space(path: Path) -> None:
                                  f"data.cache=false to read the images every epoch") from None
 
 
+def cache_files(frame: pd.DataFrame, pre: Preprocessing, cache_dir: str | Path | None) -> tuple[Path, Path]:
+    """Where the cache of ``frame``'s images for ``pre`` lives: the array and its index."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = cache_key(list(frame.drop_duplicates("image_id")["path"]), pre)
+    return cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+
+
+def find_cache(frame: pd.DataFrame, pre: Preprocessing, cache_dir: str | Path | None = None) -> ImageCache | None:
+    """The built cache of exactly ``frame``'s images (``image_id``, ``path``, in that order) for ``pre``, or None:
+    nothing is built. ``lesionkit evaluate`` reads training's this way."""
+    return _open_built(*cache_files(frame, pre, cache_dir))
+
+
+def _open_built(array_path: Path, index_path: Path) -> ImageCache | None:
+    if index_path.is_file() and array_path.is_file():  # the index is written last: a complete cache
+        return ImageCache(array_path, json.loads(index_path.read_text())["ids"])
+    return None
+
+
 def build_cache(frame: pd.DataFrame, pre: Preprocessing, cache_dir: str | Path | None = None, *,
                 workers: int = 8, progress: bool = True) -> ImageCache:
     """Open the cache of ``frame``'s images (``image_id``, ``path``) for ``pre``, building it if needed.
@@ -139,14 +158,14 @@ def build_cache(frame: pd.DataFrame, pre: Preprocessing, cache_dir: str | Path |
     under a temporary name and renamed into place, so an interrupted build or two processes building the
     same cache (DDP ranks) never leave a half-written file behind.
     """
+    array_path, index_path = cache_files(frame, pre, cache_dir)
+    found = _open_built(array_path, index_path)
+    if found is not None:
+        return found
     frame = frame.drop_duplicates("image_id")
     ids, paths = list(frame["image_id"]), list(frame["path"])
     height, width = pre.cover
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(paths, pre)
-    array_path, index_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if index_path.is_file() and array_path.is_file():
-        return ImageCache(array_path, json.loads(index_path.read_text())["ids"])
+    cache_dir, key = array_path.parent, array_path.stem
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

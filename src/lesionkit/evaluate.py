@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from PIL import Image
 
 from lesionkit import LesionkitError
 from lesionkit.bootstrap import BootstrapSettings, intervals
+from lesionkit.cache import find_cache
 from lesionkit.calibration import fit_temperature, nll, reliability_bins, save_temperature
 from lesionkit.data import find_metadata, load_dataset, refuse_problems
 from lesionkit.inference import Classifier
@@ -36,19 +38,24 @@ from lesionkit.tta import VIEW_NAMES, average_probabilities, loader_logits
 def evaluate_frame(checkpoint: Path, frame: pd.DataFrame, out_dir: Path, *, title: str, skipped: list[str] = (),
                    batch_size: int = 32, workers: int | None = None, device: str = "cpu", tta: bool = False,
                    fit_temperature_here: bool = False, bootstrap: BootstrapSettings | None = BootstrapSettings(),
-                   data: dict | None = None, unlabelled: list[str] = (), cache=None) -> dict:
+                   data: dict | None = None, unlabelled: list[str] = (), cache=None,
+                   trained_on: pd.DataFrame | None = None) -> dict:
     """Score ``checkpoint`` on the images of ``frame`` (``image_id``, ``path``, ``dx``, optionally
     ``lesion_id`` and metadata); write the report into ``out_dir`` and return it.
 
     ``fit_temperature_here`` fits T on these images and saves it beside the checkpoint: pass it for a
-    validation part only, never for data that the report is meant to judge.
+    validation part only, never for data that the report is meant to judge. ``cache``: training's ImageCache
+    (lesionkit.cache); or ``trained_on``, the whole split of the run, whose cache is read if training left one. A
+    one-off evaluation otherwise reads each image once, uncached.
     """
     checkpoint = Path(checkpoint)
     classifier = Classifier.load(checkpoint, device)
     unknown = sorted(set(frame["dx"]) - set(classifier.classes))
     if unknown:
         raise LesionkitError(f"labels {', '.join(unknown)} are not classes of {checkpoint} ({classifier.classes})")
-    # ``cache``: training's ImageCache (lesionkit.cache); a one-off evaluation reads each image once, uncached.
+    if cache is None and trained_on is not None:
+        cache_dir = classifier.meta.get("config", {}).get("data", {}).get("cache_dir")
+        cache = find_cache(trained_on, classifier.preprocessing, cache_dir)
     loader = make_loader(ImageDataset.from_frame(frame, classifier.transform, cache), batch_size, train=False,
                          workers=workers)
     logits = loader_logits(classifier, loader, tta)  # (images, views, classes)
@@ -161,8 +168,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
-def _select(args: argparse.Namespace) -> tuple[pd.DataFrame, str, dict, list[str], list[str]]:
-    """The images to evaluate, the part's name, where they came from, the skipped and the unlabelled ids."""
+class Selection(NamedTuple):
+    """The images to evaluate, the part's name, where they came from, the skipped and the unlabelled ids, and
+    with a run's split file, the run's whole split (whose image cache training may have left)."""
+
+    frame: pd.DataFrame
+    part: str
+    data: dict
+    skipped: list[str]
+    unlabelled: list[str]
+    trained_on: pd.DataFrame | None = None
+
+
+def _select(args: argparse.Namespace) -> Selection:
+    """The images ``args`` name, checked."""
     if args.images or args.labels:
         if not (args.images and args.labels) or args.data_dir or args.split_file:
             raise LesionkitError("give --images with --labels for an external set, or --data-dir (with "
@@ -175,23 +194,25 @@ def _select(args: argparse.Namespace) -> tuple[pd.DataFrame, str, dict, list[str
                   f"and are not evaluated: {shown} (all listed in the report)", file=sys.stderr)
         data = {"images": str(args.images.resolve()), "labels": str(args.labels.resolve()),
                 "labels_md5": file_hash(args.labels), "label_format": folder.label_format}
-        return folder.usable, args.labels.stem, data, sorted(folder.problems), folder.unlabelled
+        return Selection(folder.usable, args.labels.stem, data, sorted(folder.problems), folder.unlabelled)
     if not args.data_dir:
         raise LesionkitError("no images: pass --data-dir (a HAM10000 folder) or --images with --labels")
     dataset = load_dataset(args.data_dir, args.metadata)
     refuse_problems(dataset, args.allow_missing)
-    frame, part = dataset.usable, "all"
+    frame, part, trained_on = dataset.usable, "all", None
     if args.split_file:
         split = read_split(args.split_file, dataset.frame)
         chosen = split.loc[split["split"] == args.split, "image_id"]
         if chosen.empty:
             raise LesionkitError(f"{args.split_file} has no '{args.split}' images: choose another --split")
         frame, part = frame[frame["image_id"].isin(chosen)].reset_index(drop=True), args.split
+        # In the split file's order, as training cached them (lesionkit.train.prepare_data).
+        trained_on = split.merge(dataset.usable[["image_id", "path"]], on="image_id")
     metadata = args.metadata or find_metadata(args.data_dir)  # load_dataset found it already
     data = {"data_folder": str(args.data_dir.resolve()), "metadata_md5": file_hash(metadata),
             "split_file": str(args.split_file.resolve()) if args.split_file else None,
             "part": part}
-    return frame, part, data, sorted(dataset.problems), []
+    return Selection(frame, part, data, sorted(dataset.problems), [], trained_on)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,13 +220,14 @@ def run(args: argparse.Namespace) -> int:
         raise LesionkitError("--fit-temperature fits on validation images only: add --split-file RUN/split.csv "
                              "--split val (never fit it on test or external data)")
     bootstrap = BootstrapSettings(args.bootstrap, args.seed) if args.bootstrap else None
-    frame, part, data, skipped, unlabelled = _select(args)
-    out = args.out or args.checkpoint.resolve().parent.parent / f"evaluate-{part}{'-tta' if args.tta else ''}"
+    chosen = _select(args)
+    out = args.out or args.checkpoint.resolve().parent.parent / f"evaluate-{chosen.part}{'-tta' if args.tta else ''}"
     source = f"{args.images}" if args.images else f"{args.data_dir}"
-    report = evaluate_frame(args.checkpoint, frame, out, title=f"{part} images of {source}", skipped=skipped,
-                            batch_size=args.batch_size, workers=args.workers, device=args.device, tta=args.tta,
-                            fit_temperature_here=args.fit_temperature, bootstrap=bootstrap, data=data,
-                            unlabelled=unlabelled)
+    report = evaluate_frame(args.checkpoint, chosen.frame, out, title=f"{chosen.part} images of {source}",
+                            skipped=chosen.skipped, batch_size=args.batch_size, workers=args.workers,
+                            device=args.device, tta=args.tta, fit_temperature_here=args.fit_temperature,
+                            bootstrap=bootstrap, data=chosen.data, unlabelled=chosen.unlabelled,
+                            trained_on=chosen.trained_on)
     ci = report.get("intervals", {}).get("balanced_accuracy")
     ece = report["ece"]
     print(f"balanced accuracy {report['balanced_accuracy']:.4f}"
