@@ -173,6 +173,24 @@ def test_ddp_on_two_processes_writes_one_consistent_run(ddp_run):
     assert report["balanced_accuracy"] == pytest.approx(epochs["val_balanced_accuracy"].max(), abs=1e-4)
 
 
+def test_compiled_training_writes_checkpoints_that_serve(tmp_path, capsys):
+    """train.compile=true (torch.compile, the GPU path's option) on CPU with a tiny network, both phases: the
+    checkpoint keeps plain parameter names, so predict and export read it as any other."""
+    from lesionkit.cli import main
+
+    data = make_ham_folder(tmp_path / "ham", lesions_per_class=4)
+    run = tmp_path / "run"
+    assert main(["train", "--config", SMOKE, "--data-dir", str(data), "--out", str(run), "--model",
+                 "test_efficientnet", "--weights", "none", "--set", "train.compile=true",
+                 "--set", "data.image_size=[48,64]"]) == 0, capsys.readouterr().err[-3000:]
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    assert not any("_orig_mod" in k for k in torch.load(checkpoint, weights_only=True)["state_dict"])
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), "--format", "json", str(data)]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(list(data.rglob("*.jpg")))
+    assert main(["export", "--checkpoint", str(checkpoint), "--check", str(data)]) == 0
+
+
 def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsys):
     from lesionkit.cli import main
 
