@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from conftest import FULLRES, REPO, make_ham_folder, write_image
 from lesionkit import LesionkitError
@@ -189,6 +190,22 @@ def test_compiled_training_writes_checkpoints_that_serve(tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(checkpoint), "--format", "json", str(data)]) == 0
     assert len(json.loads(capsys.readouterr().out)) == len(list(data.rglob("*.jpg")))
     assert main(["export", "--checkpoint", str(checkpoint), "--check", str(data)]) == 0
+
+
+def test_bf16_mixed_precision_trains_and_reports(tmp_path, capsys):
+    """The precision a GPU gets by default (bf16-mixed), here on CPU with the head phase on stored features: the
+    whole run, report included, takes the bf16 activations in its stride."""
+    from lesionkit.cli import main
+
+    data = make_ham_folder(tmp_path / "ham", lesions_per_class=4)
+    run = tmp_path / "run"
+    assert main(["train", "--config", SMOKE, "--data-dir", str(data), "--out", str(run), "--model",
+                 "test_efficientnet", "--weights", "none", "--precision", "bf16-mixed", "--set",
+                 "data.image_size=[48,64]", "--set", "train.phases.0.cache_features=true", "--set",
+                 "augment.enabled=false"]) == 0, capsys.readouterr().err[-3000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "bf16-mixed"
+    report = json.loads((run / "report.json").read_text())
+    assert 0 <= report["balanced_accuracy"] <= 1 and report["n_images"] > 0
 
 
 def test_export_onnx_matches_pytorch_and_serves_predict(ddp_run, tmp_path, capsys):

@@ -255,11 +255,14 @@ class _DropAdvert(logging.Filter):
 
 def quiet_lightning_notices() -> None:
     """Keep Lightning's output to what concerns the run: not its advertisement for a cloud logger (printed at
-    every phase), nor its own deprecation notice about torch's pytree API, which no user setting changes."""
+    every phase), nor its own deprecation notice about torch's pytree API, which no user setting changes, nor,
+    under bf16-mixed (a GPU's default), its doubt about the summary's model size: mixed precision keeps the
+    parameters in 32 bits, which is the size it then prints."""
     notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropAdvert) for f in notices.filters):
         notices.addFilter(_DropAdvert())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Precision .*-mixed is not supported by the model summary")
 
 
 def phase_trainer(config: Config, out: Path, phase: PhaseConfig, callbacks: list[Callback], log_every: int
