@@ -27,7 +27,7 @@ from conftest import make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
 from lesionkit.images import load_image
-from lesionkit.transforms import Preprocessing
+from lesionkit.preprocessing import Preprocessing
 
 TINY = {"data": {"image_size": [48, 64], "batch_size": 8, "num_workers": 0}, "split": {"val_fraction": 0.25},
         "model": {"name": "test_efficientnet", "weights": "none"},

@@ -7,8 +7,8 @@ from lesionkit import LesionkitError
 from lesionkit.config import ModelConfig, PhaseConfig
 from lesionkit.model import create_model, layer_groups, lite1_state_dict, set_trainable
 from lesionkit.module import LesionClassifier
+from lesionkit.preprocessing import Preprocessing
 from lesionkit.train import class_weights
-from lesionkit.transforms import Preprocessing
 
 TINY = ModelConfig(name="efficientnet_b0", weights="none", dropout=0.2)
 

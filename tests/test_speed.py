@@ -22,7 +22,8 @@ from lesionkit.features import head_logits
 from lesionkit.loader import ImageDataset
 from lesionkit.model import create_model, freeze_batchnorm_stats, set_trainable
 from lesionkit.module import adamw
-from lesionkit.transforms import Preprocessing, eval_transform, train_transform
+from lesionkit.preprocessing import Preprocessing
+from lesionkit.transforms import eval_transform, train_transform
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # Single-threaded subprocesses: two cores shared with other work make OpenMP threads spin against each other.
@@ -258,9 +259,9 @@ def test_export_pads_same_convolutions_by_constants(tmp_path):
     and the logits are PyTorch's."""
     import onnx
     import onnxruntime as ort
+    from timm.layers import Conv2dSame
 
     from lesionkit.export import OnnxClassifier, compare_model, export_model
-    from timm.layers import Conv2dSame
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(name="tf_efficientnet_lite0", weights="none"), 7).eval()
@@ -294,10 +295,10 @@ def test_export_keeps_squeeze_excitation_in_the_blocked_layout(tmp_path, turned)
     for TTA holds a second graph for the input turned by 90 degrees, laid out the same way."""
     import onnx
     import onnxruntime as ort
+    from timm.models._efficientnet_blocks import SqueezeExcite
 
     from lesionkit.benchmark import batch_statistics
     from lesionkit.export import OnnxClassifier, compare_model, export_model
-    from timm.models._efficientnet_blocks import SqueezeExcite
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(name="efficientnet_b0", weights="none"), 7).to(memory_format=torch.channels_last)

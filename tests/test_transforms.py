@@ -2,7 +2,8 @@ import torch
 from PIL import Image
 
 from lesionkit.config import AugmentConfig
-from lesionkit.transforms import Preprocessing, eval_transform, train_transform
+from lesionkit.preprocessing import Preprocessing
+from lesionkit.transforms import eval_transform, train_transform
 
 PRE = Preprocessing(180, 240, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.9)
 

@@ -22,9 +22,10 @@ from lesionkit.config import AugmentConfig, ModelConfig, PhaseConfig, TrainConfi
 from lesionkit.loader import ImageDataset, make_loader
 from lesionkit.model import create_model
 from lesionkit.module import LesionClassifier
+from lesionkit.preprocessing import Preprocessing
 from lesionkit.timing import synchronize
 from lesionkit.train import resolve_precision
-from lesionkit.transforms import Preprocessing, train_transform
+from lesionkit.transforms import train_transform
 
 
 @contextlib.contextmanager

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from lesionkit import LesionkitError
 from lesionkit.images import load_image
-from lesionkit.transforms import Preprocessing, ResizeCover
+from lesionkit.preprocessing import Preprocessing
+from lesionkit.transforms import ResizeCover
 
 FORMAT_VERSION = 1  # bump when the stored pixels change meaning
 DRAFT_FACTOR = 2  # JPEGs decode at no less than twice the stored size (see decode_cover)

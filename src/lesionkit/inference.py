@@ -9,9 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lesionkit import LesionkitError
-from lesionkit.checkpoints import check_compatible, load_checkpoint
 from lesionkit.calibration import load_temperature
-from lesionkit.transforms import Preprocessing, eval_transform
+from lesionkit.checkpoints import check_compatible, load_checkpoint
+from lesionkit.preprocessing import Preprocessing
+from lesionkit.transforms import eval_transform
 
 
 class Classifier:

@@ -35,10 +35,11 @@ from lesionkit.features import feature_loaders
 from lesionkit.loader import ImageDataset, make_loader
 from lesionkit.model import create_model
 from lesionkit.module import MONITOR, LesionClassifier
+from lesionkit.preprocessing import Preprocessing
 from lesionkit.resume import AtomicCheckpointIO, EpochSeed
 from lesionkit.runfolder import atomic_write, atomic_write_csv, data_fingerprint, run_lock, write_provenance
 from lesionkit.split import make_split, read_split, save_split
-from lesionkit.transforms import Preprocessing, eval_transform, train_transform
+from lesionkit.transforms import eval_transform, train_transform
 
 
 class EpochTable(Callback):
