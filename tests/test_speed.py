@@ -77,6 +77,11 @@ def test_cache_is_reused_and_rebuilt_when_data_or_size_change(originals, tmp_pat
     pre = Preprocessing(64, 88, (0.5,) * 3, (0.5,) * 3, "bicubic", 1.0)
     first = build_cache(originals, pre, tmp_path)
     assert build_cache(originals, pre, tmp_path).path == first.path and len(list(tmp_path.glob("*.npy"))) == 1
+    # The same files through a linked folder: the same cache, not another copy.
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    link.symlink_to(Path(originals["path"][0]).parent, target_is_directory=True)
+    linked = originals.assign(path=[str(link / Path(p).name) for p in originals["path"]])
+    assert build_cache(linked, pre, tmp_path).path == first.path
     write_image(Path(originals["path"][0]), 99, size=(600, 450))  # the same file, new content
     os.utime(originals["path"][0], ns=(0, 10**18))
     changed = build_cache(originals, pre, tmp_path)

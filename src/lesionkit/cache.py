@@ -84,7 +84,9 @@ def cache_key(paths: list[str], pre: Preprocessing) -> str:
                             .encode())
     for path in paths:
         stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        # The real path: the same files reached through a link (../shared from two checkouts) share one cache
+        # instead of filling the disk with a 3 GB copy each.
+        digest.update(f"{os.path.realpath(path)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:20]
 
 
