@@ -50,6 +50,12 @@ def cover_shape(height: int, width: int, box: tuple[int, int]) -> tuple[int, int
     return max(box[0], round(height * scale)), max(box[1], round(width * scale))
 
 
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[list[float], list[float]]:
+    """Per-channel ``scale`` and ``shift`` such that ``pixel * scale - shift`` is ``(pixel / 255 - mean) / std``:
+    one multiply and one subtract, the same for the torch and the NumPy framing."""
+    return [1 / (255 * s) for s in std], [m / s for m, s in zip(mean, std, strict=True)]
+
+
 PIL_RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                   "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
                   "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
@@ -63,6 +69,5 @@ def eval_array(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     top, left = int(round((height - pre.height) / 2.0)), int(round((width - pre.width) / 2.0))
     pixels = np.asarray(image.crop((left, top, left + pre.width, top + pre.height)), dtype=np.float32)
     # The same float32 operations as lesionkit.transforms.ToNormalizedTensor, in the same order.
-    scale = np.array([1 / (255 * s) for s in pre.std], dtype=np.float32)
-    shift = np.array([m / s for m, s in zip(pre.mean, pre.std, strict=True)], dtype=np.float32)
+    scale, shift = (np.array(values, dtype=np.float32) for values in normalisation(pre.mean, pre.std))
     return np.ascontiguousarray((pixels * scale - shift).transpose(2, 0, 1))

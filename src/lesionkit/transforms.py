@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.functional import InterpolationMode
 
 from lesionkit.config import AugmentConfig
-from lesionkit.preprocessing import Preprocessing, cover_shape
+from lesionkit.preprocessing import Preprocessing, cover_shape, normalisation
 
 
 class ResizeCover(torch.nn.Module):
@@ -40,8 +40,7 @@ class ToNormalizedTensor(torch.nn.Module):
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
-        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(-1, 1, 1)
-        self.shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)]).view(-1, 1, 1)
+        self.scale, self.shift = (torch.tensor(values).view(-1, 1, 1) for values in normalisation(mean, std))
 
     def forward(self, image) -> torch.Tensor:
         pixels = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image)).permute(2, 0, 1)
