@@ -1,9 +1,11 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lesionkit import LesionkitError
-from lesionkit.config import load_config
+from lesionkit.config import load_config, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -55,3 +57,83 @@ def test_bad_yaml_files(tmp_path):
         load_config(bad)
     with pytest.raises(LesionkitError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_values_as_yaml():
+    config = load_config(overrides=["train.devices=2", "model.weights=none", "data.per_class_limit=null",
+                                    "train.phases.1.lr=1e-5", "augment.rotation=10"])
+    assert config.train.devices == "2" and config.model.weights == "none" and config.data.per_class_limit is None
+    assert config.train.phases[1].lr == 1e-5 and isinstance(config.augment.rotation, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.phases.0.bogus=1", "unknown setting train.phases.0.bogus; known in train.phases.0: name, epochs, lr,"),
+    ("model.nme=x", "known in model: name, weights, dropout"),
+    ("data.batch_size=abc", "setting data.batch_size must be int, got 'abc'"),
+    ("data.batch_size=null", "setting data.batch_size must be int, got None"),
+    ("data.image_size=5", "setting data.image_size must be list[int] | None, got 5"),
+    ("train.phases.x.epochs=1", "'x' is not an index below 2"),
+    ("train.phases.2={name: x, epochs: 1, lr: 0.1}", "'2' is not an index below 2"),
+    ("train.phases=[{name: x, epochs: 1}]", "setting train.phases.0.lr is required"),
+    ("train.phases.0.lr=1", "phase 'head': lr must be in (0, 1), got 1.0"),  # an int reaches __post_init__
+    ("data..batch_size=1", "must look like section.key=value"),
+])
+def test_omegaconf_errors_become_one_line_naming_the_setting(override, message):
+    with pytest.raises(LesionkitError) as caught:
+        load_config(overrides=[override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert caught.value.__suppress_context__ or caught.value.__context__ is None  # no OmegaConf traceback
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_floats_without_a_dot_and_partial_phases(tmp_path):
+    path = _write(tmp_path, "augment: {zoom: 5e-2}\ntrain:\n  phases:\n    - {name: only, epochs: 2, lr: 3e-4}\n")
+    config = load_config(path, ["train.phases.0.weight_decay=1e-3"])
+    (phase,) = config.train.phases
+    assert (phase.name, phase.lr, phase.weight_decay, phase.schedule) == ("only", 3e-4, 1e-3, "cosine")
+    assert config.augment.zoom == 0.05
+    with pytest.raises(LesionkitError, match=r"'1' is not an index below 1"):
+        load_config(path, ["train.phases.1.epochs=3"])  # the file's list replaces the default one
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  phases:\n    - {name: a, epochs: 1}\n", "setting train.phases.0.lr is required"),
+    ("train:\n  phases:\n    - {name: a, epochs: 1, lr: 1e-3}\n    - {name: b, epochs: 1, lr: 1e-3, bogus: 2}\n",
+     "unknown setting train.phases.1.bogus; known in train.phases.1: name, epochs, lr,"),
+    ("train:\n  phases:\n    - {name: a, epochs: abc, lr: 1e-3}\n",
+     "setting train.phases.0.epochs must be int, got 'abc'"),
+    ("data:\n  bogus: 1\n", "unknown setting data.bogus; known in data: data_dir, metadata,"),
+    ("train: 3\n", "setting train must be a mapping, got 3"),
+    ("train:\n  phases: {a: 1}\n", "'a' is not an index below 2"),
+    ("- data\n- train\n", "must hold a mapping of sections"),
+    ("data: {}\ndata: {}\n", "not valid YAML"),
+])
+def test_bad_settings_in_files_name_the_setting(tmp_path, text, message):
+    with pytest.raises(LesionkitError) as caught:
+        load_config(_write(tmp_path, text))
+    assert message in str(caught.value)
+
+
+def test_an_empty_file_is_the_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "# nothing set\n")) == load_config()
+
+
+@pytest.mark.parametrize("path", [None, *CONFIGS], ids=lambda p: getattr(p, "name", "defaults"))
+def test_saved_config_loads_back_equal(tmp_path, path):
+    config = load_config(path, ["train.devices=2", "data.data_dir=/data/ham 10000", "data.cache_dir='1e-4'",
+                                "data.metadata='null'", "train.phases.1.lr=1e-5"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved == config.to_dict() and list(saved) == ["data", "split", "model", "augment", "train"]
+
+
+def test_to_dict_is_plain_asdict():
+    config = load_config(CONFIGS[0], ["data.image_size=[180, 240]"])
+    assert config.to_dict() == dataclasses.asdict(config)
+    assert type(config.to_dict()["data"]["image_size"]) is list and type(config.train.phases) is list

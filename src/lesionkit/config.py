@@ -1,19 +1,26 @@
-"""Typed settings: YAML sets them, the command line overrides them, every run saves them resolved.
+"""Typed settings: YAML sets them, dotted overrides change them, every run saves them resolved.
 
 Each section is a dataclass with a docstring per field and checks in ``__post_init__`` whose messages name
-the setting to change. ``load_config`` builds them from nested dicts and refuses unknown keys and wrong types.
+the setting to change. ``load_config`` lays a YAML file, then ``key.path=value`` overrides, over the
+dataclasses' defaults as an OmegaConf structured config: OmegaConf checks every key and type against the
+dataclasses, then builds them, so that ``__post_init__`` checks the values. Its errors become one
+``LesionkitError`` that names the setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import types
+import re
 import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lesionkit import LesionkitError
 
@@ -35,7 +42,7 @@ class DataConfig:
     allow_missing: bool = False
     """Skip listed images that are missing or unreadable (they are listed in the run folder) instead of stopping."""
     cache: bool = True
-    """Decode every image once, at the size training reads it, into a memory-mapped file (``lesionkit.cache``):
+    """Decode every image once, at the size training reads it, into a memory-mapped file (``lesionkit.data.cache``):
     a 600x450 JPEG costs ~7 ms to decode and scale, a cached image a fraction of a millisecond."""
     cache_dir: str | None = None
     """Where image caches live; ``null``: ``$XDG_CACHE_HOME/lesionkit`` (``~/.cache/lesionkit``), which works
@@ -218,107 +225,105 @@ def _positive(name: str, value: int) -> None:
         raise LesionkitError(f"{name} must be at least 1, got {value}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or the defaults), apply ``key.path=value`` overrides, check everything.
 
     Overrides parse their value as YAML, so ``train.phases.1.epochs=3`` and ``data.image_size=[180,240]``
-    work; a list index addresses one phase.
+    work; a list index addresses one phase, of the file's list or of the default one.
     """
-    raw: dict[str, Any] = {}
+    config = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LesionkitError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise LesionkitError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise LesionkitError(f"{path} must hold a mapping of sections (data, split, model, augment, train)")
+        for key, value in _settings(_read(Path(path))):
+            with _user_errors(f"{path}: "):
+                _check_indices(config, key)
+                OmegaConf.update(config, key, value)
     for item in overrides:
-        _apply_override(raw, item)
-    return _build(Config, raw, "")
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise LesionkitError(f"override {item!r} must look like section.key=value, e.g. train.seed=1")
-    value = yaml.safe_load(text) if text else None
-    *parents, last = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parents):
-        if isinstance(node, list):
-            node = node[_index(node, part, key)]
-            continue
-        if part == "phases" and "phases" not in node:
-            # Overriding one phase edits the default list, so materialise it first.
-            node["phases"] = [asdict(p) for p in default_phases()]
-        node = node.setdefault(part, {})
-    if isinstance(node, list):
-        node[_index(node, last, key)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise LesionkitError(f"override {key!r}: {'.'.join(parents)} is not a section")
-
-
-def _index(items: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise LesionkitError(f"override {key!r}: {part!r} is not an index below {len(items)}")
-    return int(part)
-
-
-def _build(cls, raw: Any, where: str):
-    """Make dataclass ``cls`` from a dict, refusing unknown keys and values of the wrong type."""
-    if not isinstance(raw, dict):
-        raise LesionkitError(f"setting {where or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise LesionkitError(
-            f"unknown setting {', '.join(_join(where, k) for k in unknown)}; "
-            f"known in {where or 'the top level'}: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in raw.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field is missing
-        raise LesionkitError(f"setting {where or 'config'}: {err}") from None
-
-
-def _coerce(hint, value: Any, where: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise LesionkitError(f"setting {where} must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. devices: 2
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise LesionkitError(f"setting {where} must be {hint.__name__}, got {value!r}")
-    return value
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+        key, sep, _ = item.partition("=")
+        if not sep or "" in key.split("."):
+            raise LesionkitError(f"override {item!r} must look like section.key=value, e.g. train.seed=1")
+        with _user_errors():
+            _check_indices(config, key)
+            config.merge_with_dotlist([item])
+    with _user_errors():
+        return OmegaConf.to_object(config)
 
 
 def save_config(config: Config, path: Path) -> None:
-    from lesionkit.runfolder import atomic_write_text  # pandas and friends: not for `lesionkit --help`
+    """Write ``config`` as YAML, atomically, in the dataclasses' order; ``load_config`` reads it back equal."""
+    from lesionkit.files import atomic_write_text  # imported when a run writes, not for `lesionkit --help`
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, OmegaConf.to_yaml(config))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LesionkitError(f"config file {path} does not exist")
+    try:
+        raw = OmegaConf.load(path)  # OmegaConf's YAML reads 1e-4 as a float, as YAML 1.2 does
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise LesionkitError(f"{path} is not valid YAML: {err}") from None
+    except OSError as err:  # unreadable, or a bare number instead of a mapping
+        raise LesionkitError(f"cannot read config file {path}: {err}") from None
+    if not OmegaConf.is_dict(raw):
+        raise LesionkitError(f"{path} must hold a mapping of sections (data, split, model, augment, train)")
+    return OmegaConf.to_container(raw)
+
+
+def _settings(raw: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """A file's settings as ``(dotted key, value)``, applied one by one like overrides so that OmegaConf's errors
+    carry the full key: merging a whole file, they lose it inside a list (``bogus`` for ``train.phases.1.bogus``).
+    A list of mappings (``train.phases``) is first set to that many defaults, then filled in item by item."""
+    if isinstance(raw, dict) and (raw or not key):  # an empty section is set whole (and refused if unknown)
+        for name, value in raw.items():
+            yield from _settings(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(raw, list) and raw and all(isinstance(item, dict) for item in raw):
+        yield key, [{}] * len(raw)
+        for i, item in enumerate(raw):
+            yield from _settings(item, f"{key}.{i}")
+    else:
+        yield key, raw
+
+
+def _check_indices(config: DictConfig, key: str) -> None:
+    """OmegaConf takes ``train.phases.5.epochs`` for a new, empty phase: name the bad index instead."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        items = OmegaConf.select(config, ".".join(parts[:i]))
+        if OmegaConf.is_list(items) and not (parts[i].isdigit() and int(parts[i]) < len(items)):
+            raise LesionkitError(f"setting {key}: {parts[i]!r} is not an index below {len(items)}, the length "
+                                 f"of {'.'.join(parts[:i])}")
+
+
+@contextlib.contextmanager
+def _user_errors(where: str = "") -> Iterator[None]:
+    """Turn an OmegaConf error into one line that names the setting (``__post_init__``'s pass unchanged)."""
+    try:
+        yield
+    except OmegaConfBaseException as err:
+        raise LesionkitError(where + _describe(err)) from None
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = re.sub(r"\[(\w+)\]", r".\1", err.full_key or "")  # train.phases[0].lr: train.phases.0.lr
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and OmegaConf.is_dict(err.parent_node):
+        section = key.rpartition(".")[0] or "the top level"
+        return f"unknown setting {key}; known in {section}: {', '.join(map(str, err.parent_node))}"
+    if isinstance(err, MissingMandatoryValue):
+        return f"setting {key} is required: give it a value"
+    expected = _expected_type(err)
+    if isinstance(err, ValidationError) and expected:
+        return f"setting {key} must be {expected}, got {err.value!r}"
+    reason = (str(err) or type(err).__name__).splitlines()[0]  # without OmegaConf's full_key/object_type lines
+    return f"setting {key}: {reason}" if key else reason
+
+
+def _expected_type(err: OmegaConfBaseException) -> str | None:
+    """The annotation of the dataclass field the error is about, e.g. ``int`` or ``list[int] | None``."""
+    if not (dataclasses.is_dataclass(err.object_type) and isinstance(err.key, str)):
+        return None
+    hint = typing.get_type_hints(err.object_type).get(err.key)
+    if hint is None:
+        return None
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace(f"{__name__}.", "")
