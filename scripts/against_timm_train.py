@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from lesionkit.against_timm import lesionkit_full_network, training_data
+from lesionkit.bench.against_timm import lesionkit_full_network, training_data
 from lesionkit.allocator import HELD, hold_freed_memory
-from lesionkit.data import load_dataset
+from lesionkit.data.metadata import load_dataset
 
 STEP_TIME = re.compile(r"Time: ([\d.]+)s,")
 

@@ -41,12 +41,12 @@ print("missing modules:", [m for m in wanted if importlib.util.find_spec(m) is N
 PY
 
 # The benchmark on generated 600x450 JPEGs (the originals' size); onnx figures are skipped without the onnx package.
-python -m lesionkit.cli benchmark $BENCH_FLAGS --out "$OUT/benchmark.json" | tee "$OUT/benchmark.txt"
+python -m lesionkit benchmark $BENCH_FLAGS --out "$OUT/benchmark.json" | tee "$OUT/benchmark.txt"
 
 rm -rf "$RUN"
 start=$(date +%s)
 status=0
-python -m lesionkit.cli train --config "$CONFIG" --data-dir "$DATA" --out "$RUN" --allow-missing \
+python -m lesionkit train --config "$CONFIG" --data-dir "$DATA" --out "$RUN" --allow-missing \
     --weights "$WEIGHTS" $TRAIN_FLAGS 2>&1 | tr '\r' '\n' | grep -v 'it/s' | tee "$OUT/train.log" || status=$?
 end=$(date +%s)
 echo "full run ($CONFIG, weights $WEIGHTS $TRAIN_FLAGS, $DATA): exit $status, wall time $((end - start)) s" \

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from lesionkit.data import METADATA_NAME
-from lesionkit.images import IMAGE_SUFFIXES
-from lesionkit.model import lite1_state_dict
+from lesionkit.data.metadata import METADATA_NAME
+from lesionkit.data.images import IMAGE_SUFFIXES
+from lesionkit.model.weights import lite1_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,26 +23,13 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import make_ham_folder, write_image
-from lesionkit import CLASSES
+from helpers import fake_checkpoint, make_ham_folder, write_image
 from lesionkit.cli import main
-from lesionkit.images import load_image
-from lesionkit.preprocessing import Preprocessing
+from lesionkit.data.images import load_image
 
 TINY = {"data": {"image_size": [48, 64], "batch_size": 8, "num_workers": 0}, "split": {"val_fraction": 0.25},
         "model": {"name": "test_efficientnet", "weights": "none"},
         "train": {"accelerator": "cpu", "phases": [{"name": "head", "epochs": 1, "lr": 1e-3}]}}
-
-
-def fake_checkpoint(path: Path, model_name: str = "test_efficientnet", classes=CLASSES, *,
-                    weights_of: str | None = None, num_classes: int | None = None, version: str = "0.1.0") -> Path:
-    """A checkpoint as `lesionkit train` writes it (what inference reads), without training: ~0.5 MB, 0.1 s."""
-    model = timm.create_model(weights_of or model_name, num_classes=num_classes or len(classes))
-    meta = {"model_name": model_name, "classes": list(classes), "lesionkit_version": version,
-            "preprocessing": Preprocessing(48, 64, (0.5,) * 3, (0.5,) * 3).to_dict()}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": meta,
-                "epoch": 0, "lesionkit": {"phase": "head", "phase_index": 0}}, path)
-    return path
 
 
 class Payload:
@@ -317,7 +304,7 @@ def test_a_cache_without_room_leaves_the_run_folder_free_for_the_next_try(world,
 
     def full_disk(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("lesionkit.cache.os.posix_fallocate", full_disk)
+    monkeypatch.setattr("lesionkit.data.cache.os.posix_fallocate", full_disk)
     assert main(train(w, "--set", f"data.cache_dir={w / 'cache'}")) == 1
     assert "no room for the image cache" in capsys.readouterr().err
     monkeypatch.undo()

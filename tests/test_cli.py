@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FULLRES, REPO, make_ham_folder, write_image
+from helpers import FULLRES, REPO, make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
-from lesionkit.train import quiet_lightning_notices
+from lesionkit.train.loop import quiet_lightning
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -79,11 +79,11 @@ def test_evaluate_on_a_split_part(synthetic_run, tmp_path, capsys):
 def test_evaluate_reads_the_image_cache_training_left(synthetic_run, tmp_path, monkeypatch):
     """A part of a run's split is read from the run's image cache: no image is decoded, and the report is the one
     training wrote for that part."""
-    import lesionkit.loader
+    import lesionkit.data.datasets
 
     def decoded(path):
         raise AssertionError(f"{path} was decoded, not read from the cache")
-    monkeypatch.setattr(lesionkit.loader, "load_image", decoded)
+    monkeypatch.setattr(lesionkit.data.datasets, "load_image", decoded)
     data, run = synthetic_run
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--data-dir", str(data),
@@ -95,7 +95,8 @@ def test_evaluate_reads_the_image_cache_training_left(synthetic_run, tmp_path, m
 def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_run, tmp_path, monkeypatch):
     import tqdm
 
-    import lesionkit.predict
+    import lesionkit.evaluate.evaluation
+    import lesionkit.serve.predict
 
     bars = []
 
@@ -103,7 +104,8 @@ def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
-    monkeypatch.setattr(lesionkit.predict, "tqdm", Recorded)
+    monkeypatch.setattr(lesionkit.evaluate.evaluation, "tqdm", Recorded)
+    monkeypatch.setattr(lesionkit.serve.predict, "tqdm", Recorded)
     data, run = synthetic_run
     checkpoint = str(run / "checkpoints" / "best.ckpt")
     assert main(["evaluate", "--checkpoint", checkpoint, "--data-dir", str(data), "--split-file",
@@ -111,7 +113,7 @@ def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_
     assert main(["predict", "--checkpoint", checkpoint, "--format", "json", str(data)]) == 0
     tested = (pd.read_csv(run / "split.csv")["split"] == "test").sum()
     assert [(bar.n, bar.total, bar.desc) for bar in bars] == [
-        (tested, tested, "Predicting, 8 views each"), (len(list(data.rglob("*.jpg"))),) * 2 + ("Predicting",)]
+        (tested, tested, "Evaluating, 8 views each"), (len(list(data.rglob("*.jpg"))),) * 2 + ("Predicting",)]
 
 
 def test_predict_any_image_and_report_the_unreadable(synthetic_run, tmp_path, capsys):
@@ -137,17 +139,17 @@ def test_predict_any_image_and_report_the_unreadable(synthetic_run, tmp_path, ca
 
 
 def test_predict_writes_answers_as_they_come_and_ctrl_c_keeps_them(synthetic_run, tmp_path, capsys, monkeypatch):
-    import lesionkit.predict
+    import lesionkit.serve.predict
 
     data, run = synthetic_run
-    real, calls = lesionkit.predict.batch_probabilities, []
+    real, calls = lesionkit.serve.predict.probabilities, []
 
     def interrupted_after_one_batch(*args):
         calls.append(1)
         if len(calls) > 1:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(lesionkit.predict, "batch_probabilities", interrupted_after_one_batch)
+    monkeypatch.setattr(lesionkit.serve.predict, "probabilities", interrupted_after_one_batch)
     code = main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "json",
                  "--batch-size", "4", str(data)])
     captured = capsys.readouterr()
@@ -211,11 +213,14 @@ def test_data_check_on_the_real_copy_names_the_absent_images(real_data, capsys):
 def test_lightning_deprecation_notice_about_torch_is_filtered():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        quiet_lightning_notices()
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+        with quiet_lightning():
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`",
+                          DeprecationWarning)
+            warnings.warn("another deprecation", DeprecationWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated: seen again once the run is over",
                       DeprecationWarning)
-        warnings.warn("another deprecation", DeprecationWarning)
-    assert [str(w.message) for w in seen] == ["another deprecation"]
+    assert [str(w.message) for w in seen] == [
+        "another deprecation", "`isinstance(treespec, LeafSpec)` is deprecated: seen again once the run is over"]
 
 
 def test_real_smoke_run_refuses_then_trains_and_predicts_a_fullres_original(real_data, tmp_path, capfd, caplog):

@@ -3,9 +3,9 @@
 glibc's malloc serves every request above its mmap threshold (128 KiB, rising to at most 32 MiB as large blocks
 are freed) with a fresh mapping, unmapped again on free, and returns free memory at the top of its heap to the
 kernel. Activation tensors on the CPU are larger than that, so every forward pass and every training step gets
-them as new, zero-filled pages, one page fault each. Measured on 2 cores (Lite1, batch 32, 240x320, ``lesionkit
-benchmark``): a head-phase step took 641,099 page faults (2.5 GB of fresh pages) and ran at 32.7 images/s; with
-freed memory held, 1 page fault and 107.1 images/s. One image's forward pass: 5,394 faults and 19 ms against 14.
+them as new, zero-filled pages, one page fault each: hundreds of thousands per training step, where a process
+that keeps its freed memory takes one and runs the step several times faster (``lesionkit benchmark`` measures
+both; docs/speed.md has the figures).
 
 ``lesionkit``'s commands raise both thresholds once at start-up: the glibc counterpart of the jemalloc or TCMalloc
 that PyTorch's CPU performance tuning guide recommends preloading, which cannot be swapped in from inside Python.

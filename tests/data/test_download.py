@@ -1,4 +1,4 @@
-"""lesionkit.download against a small fake Dataverse served on 127.0.0.1 (no internet needed)."""
+"""lesionkit.data.download against a small fake Dataverse served on 127.0.0.1 (no internet needed)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from PIL import Image
 
-from lesionkit.download import DOI, DownloadError, add_arguments, download_ham10000, run
+from lesionkit.commands.download import add_arguments, run
+from lesionkit.data.download import DOI, DownloadError, download_ham10000
 
 IMAGE_IDS = ("ISIC_0024306", "ISIC_0024307", "ISIC_0024308")
 TEST_IDS = ("ISIC_0034524", "ISIC_0034525")

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import fake_checkpoint
 from lesionkit import LesionkitError
-from lesionkit.images import MAX_ASPECT, load_image
-from lesionkit.inference import Classifier
-from lesionkit.predict import predict_paths
-from lesionkit.preprocessing import eval_array
-from test_bad_inputs import fake_checkpoint
+from lesionkit.data.images import MAX_ASPECT, load_image
+from lesionkit.serve.torch_classifier import TorchClassifier
+from lesionkit.serve.predict import predict_paths
+from lesionkit.data.preprocessing import eval_array
 
 # ~200 examples in all, ~10 s: enough to walk Pillow's header parsers past their magic numbers every run.
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -28,7 +28,7 @@ FORMATS = ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "PPM"]
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    return Classifier.load(fake_checkpoint(tmp_path_factory.mktemp("fuzz") / "model.ckpt"))
+    return TorchClassifier.load(fake_checkpoint(tmp_path_factory.mktemp("fuzz") / "model.ckpt"))
 
 
 def loads_or_explains(path: Path) -> Image.Image | None:
@@ -77,7 +77,7 @@ def test_random_small_images_load_upright_rgb_and_predict(tmp_path, classifier, 
         return
     assert loaded is not None and loaded.size == size
     # The torch-free framing of predict --backend onnx gives the very same input, at every odd size and aspect.
-    assert np.array_equal(eval_array(loaded, classifier.preprocessing), classifier.transform(loaded).numpy())
+    assert np.array_equal(eval_array(loaded, classifier.preprocessing), classifier.transform(loaded))
     results, errors = predict_paths(classifier, [path])
     assert not errors and len(results) == 1
     assert sum(results[0]["probabilities"].values()) == pytest.approx(1, abs=1e-5)

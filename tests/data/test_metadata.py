@@ -3,10 +3,10 @@ import shutil
 import pandas as pd
 import pytest
 
-from conftest import write_image
+from helpers import write_image
 from lesionkit import LesionkitError
-from lesionkit.data import index_images, limit_per_class, load_dataset, read_metadata, summary
-from lesionkit.images import load_image
+from lesionkit.data.metadata import index_images, limit_per_class, load_dataset, read_metadata, summary
+from lesionkit.data.images import load_image
 
 
 def test_reads_official_layout(ham_folder):

@@ -1,19 +1,16 @@
 import pandas as pd
 import pytest
 
+from helpers import assert_no_lesion_leak
 from lesionkit import LesionkitError
-from lesionkit.data import load_dataset, read_metadata
-from lesionkit.split import make_split, read_split, save_split
-
-
-def parts_per_lesion(split):
-    return split.groupby("lesion_id")["split"].nunique()
+from lesionkit.data.metadata import load_dataset, read_metadata
+from lesionkit.data.split import make_split, read_split, save_split
 
 
 def test_split_keeps_lesions_whole_and_is_seeded(ham_folder):
     frame = load_dataset(ham_folder, decode=False).frame
     split = make_split(frame, 0.2, 0.2, seed=3)
-    assert (parts_per_lesion(split) == 1).all()
+    assert_no_lesion_leak(split, ham_folder / "HAM10000_metadata.csv")
     assert set(split["split"]) == {"train", "val", "test"}
     assert split.equals(make_split(frame, 0.2, 0.2, seed=3))
     assert not split.equals(make_split(frame, 0.2, 0.2, seed=4))
@@ -22,7 +19,7 @@ def test_split_keeps_lesions_whole_and_is_seeded(ham_folder):
 def test_real_split_is_grouped_and_stratified(real_data):
     frame = read_metadata(real_data / "HAM10000_metadata.csv")
     split = make_split(frame, 0.2, 0.0, seed=42)
-    assert (parts_per_lesion(split) == 1).all()
+    assert_no_lesion_leak(split, real_data / "HAM10000_metadata.csv")
     share = (split["split"] == "val").mean()
     assert 0.18 < share < 0.22
     # Each class keeps close to the whole set's share in validation.
@@ -54,3 +51,21 @@ def test_saved_split_round_trips_and_is_checked(tmp_path, ham_folder):
     relabelled.to_csv(path, index=False)
     with pytest.raises(LesionkitError, match="disagrees with the metadata"):
         read_split(path, frame)
+
+
+def test_the_leak_check_reads_the_lesions_of_the_metadata(ham_folder):
+    """A split.csv that gave a lesion's two images two made-up lesion ids, one per part, looks whole grouped by
+    its own column: assert_no_lesion_leak joins the metadata and sees the leak."""
+    metadata = ham_folder / "HAM10000_metadata.csv"
+    split = make_split(load_dataset(ham_folder, decode=False).frame, 0.25, 0.0, seed=1)
+    lesion = split["lesion_id"].iloc[0]
+    rows = split["lesion_id"] == lesion
+    disguised = split.copy()
+    disguised.loc[rows, "split"] = ["train", "val"]
+    disguised.loc[rows, "lesion_id"] = ["FAKE_1", "FAKE_2"]
+    assert (disguised.groupby("lesion_id")["split"].nunique() == 1).all()  # what the old check saw
+    with pytest.raises(AssertionError, match=f"more than one part: \\['{lesion}'\\]"):
+        assert_no_lesion_leak(disguised, metadata)
+    with pytest.raises(AssertionError, match="the metadata does not: \\['ISIC_9'\\]"):
+        assert_no_lesion_leak(pd.concat([split, pd.DataFrame([{"image_id": "ISIC_9", "lesion_id": "X", "dx": "nv",
+                                                                "split": "val"}])]), metadata)

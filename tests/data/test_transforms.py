@@ -2,8 +2,8 @@ import torch
 from PIL import Image
 
 from lesionkit.config import AugmentConfig
-from lesionkit.preprocessing import Preprocessing
-from lesionkit.transforms import eval_transform, train_transform
+from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.data.transforms import eval_transform, train_transform
 
 PRE = Preprocessing(180, 240, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.9)
 
@@ -41,7 +41,7 @@ def test_one_pass_normalisation_is_torchvisions():
     import numpy as np
     from torchvision.transforms import v2
 
-    from lesionkit.transforms import ToNormalizedTensor
+    from lesionkit.data.transforms import ToNormalizedTensor
 
     pixels = np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -59,7 +59,7 @@ def test_serving_frames_images_exactly_as_torchvision_does():
     the same numbers as eval_transform, to the bit, for any size, crop and interpolation."""
     import numpy as np
 
-    from lesionkit.preprocessing import eval_array
+    from lesionkit.data.preprocessing import eval_array
 
     images = [Image.effect_noise(size, 60).convert("RGB") for size in ((600, 450), (300, 500), (97, 61), (240, 180))]
     presets = [PRE, Preprocessing(240, 320, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875),

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO, make_ham_folder, write_image
+from helpers import REPO, make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
-from lesionkit.labels import ISIC2018_COLUMNS
+from lesionkit.data.labels import ISIC2018_COLUMNS
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -142,7 +142,7 @@ def test_help_for_every_new_flag(capsys):
 
 def test_data_section_counts_a_class_missing_from_a_part_as_zero(tmp_path):
     """A small run can leave a class out of validation; its report still counts every part."""
-    from lesionkit.evaluate import describe_images
+    from lesionkit.evaluate.evaluation import describe_images
 
     (tmp_path / "checkpoints").mkdir()
     pd.DataFrame({"image_id": ["a", "b", "c"], "lesion_id": ["l1", "l2", "l3"], "dx": ["nv", "mel", "nv"],

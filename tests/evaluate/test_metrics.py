@@ -8,13 +8,15 @@ import pytest
 from sklearn import metrics
 
 from lesionkit import CLASSES, LesionkitError
-from lesionkit.bootstrap import BootstrapSettings, intervals, resample_weights, weighted_metrics
-from lesionkit.calibration import fit_temperature, reliability_bins, softmax
-from lesionkit.compare import comparison_table
-from lesionkit.labels import read_labels
-from lesionkit.metrics import (brier_score, classification_metrics, expected_calibration_error,
+from lesionkit.evaluate.bootstrap import BootstrapSettings, intervals, resample_weights, weighted_metrics
+from lesionkit.evaluate.calibration import fit_temperature, reliability_bins
+from lesionkit.evaluate.report import build_report
+from lesionkit.serve.classifier import softmax
+from lesionkit.evaluate.compare import comparison_table
+from lesionkit.data.labels import read_labels
+from lesionkit.evaluate.metrics import (brier_score, classification_metrics, expected_calibration_error,
                                operating_points)
-from lesionkit.subgroups import MIN_IMAGES, subgroup_metrics
+from lesionkit.evaluate.subgroups import MIN_IMAGES, subgroup_metrics
 
 K = len(CLASSES)
 MEL = CLASSES.index("mel")
@@ -150,13 +152,17 @@ def test_subgroups_count_and_mark_small_groups():
 def test_compare_puts_reports_side_by_side(tmp_path):
     for name, value in (("a", 0.61), ("b", 0.55)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "report.json").write_text(json.dumps({
-            "balanced_accuracy": value, "accuracy": 0.8, "macro_f1": 0.5, "macro_auc": 0.9,
-            "melanoma_sensitivity": 0.4, "n_images": 100,
-            "intervals": {"balanced_accuracy": [value - 0.05, value + 0.04]},
-            "ece": {"before": 0.1, "after": 0.03}, "settings": {"tta": name == "b", "temperature": 1.5}}))
+        labels, logits = case()
+        report = build_report(labels, softmax(logits), list(CLASSES))
+        report.balanced_accuracy, report.intervals = value, {"balanced_accuracy": [value - 0.05, value + 0.04]}
+        report.bootstrap, report.ece = {"resamples": 1000}, {"before": 0.1, "after": 0.03}
+        report.settings = {"tta": name == "b", "temperature": 1.5}
+        (tmp_path / name / "report.json").write_text(json.dumps(report.to_dict()))
     table = comparison_table([tmp_path / "a", tmp_path / "b" / "report.json"])
     assert list(table["balanced accuracy"]) == ["61.0% [56.0, 65.0]", "55.0% [50.0, 59.0]"]
     assert list(table["TTA"]) == ["no", "yes"] and list(table["ECE"]) == ["3.0%", "3.0%"]
     with pytest.raises(LesionkitError, match="neither a report.json"):
         comparison_table([tmp_path / "none"])
+    (tmp_path / "partial.json").write_text(json.dumps({"balanced_accuracy": 0.5}))
+    with pytest.raises(LesionkitError, match="partial.json is not a lesionkit report"):
+        comparison_table([tmp_path / "partial.json"])

@@ -5,10 +5,11 @@ import torch
 
 from lesionkit import LesionkitError
 from lesionkit.config import ModelConfig, PhaseConfig
-from lesionkit.model import create_model, layer_groups, lite1_state_dict, set_trainable
-from lesionkit.module import LesionClassifier
-from lesionkit.preprocessing import Preprocessing
-from lesionkit.train import class_weights
+from lesionkit.model.network import create_model, layer_groups, set_trainable
+from lesionkit.model.weights import lite1_state_dict
+from lesionkit.model.module import LesionClassifier
+from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.train.loop import class_weights
 
 TINY = ModelConfig(name="efficientnet_b0", weights="none", dropout=0.2)
 

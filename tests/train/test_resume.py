@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, make_ham_folder
+from helpers import REPO, make_ham_folder
 from lesionkit.cli import main
-from lesionkit.runfolder import run_lock
+from lesionkit.train.runfolder import run_lock
 
 TINY = """\
 data: {image_size: [48, 64], batch_size: 8, num_workers: 0}
@@ -120,7 +120,7 @@ def test_ctrl_c_then_kill_9_then_resume_ends_identically(setup):
 def test_interrupted_between_phases_resumes_with_the_next_phase(setup, monkeypatch, capsys):
     root, data, reference = setup
     assert list(pd.read_csv(reference / "metrics.csv")["phase"]) == ["head", "head", "finetune"]  # stopped early
-    from lesionkit.module import LesionClassifier
+    from lesionkit.model.module import LesionClassifier
 
     set_phase = LesionClassifier.set_phase
 
@@ -161,20 +161,20 @@ def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(setup, monkey
                 raise OSError(errno.ENOSPC, "No space left on device", str(src))
         return real_replace(src, dst)
 
-    monkeypatch.setattr("lesionkit.runfolder.os.replace", replace)
+    monkeypatch.setattr("lesionkit.files.os.replace", replace)
     assert main(train_args(root, data, run)) == 1
     err = capsys.readouterr().err
     assert "the disk is full" in err and "last.ckpt" in err and "--resume" in err and "Traceback" not in err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # epoch 1 never landed
     assert not list(run.rglob("*.tmp"))
-    monkeypatch.setattr("lesionkit.runfolder.os.replace", real_replace)
+    monkeypatch.setattr("lesionkit.files.os.replace", real_replace)
     assert main(["train", "--out", str(run), "--resume"]) == 0
     assert scores(run) == scores(reference)
 
 
 def test_nan_loss_stops_the_run_naming_the_step(setup, monkeypatch, capsys):
     root, data, _ = setup
-    from lesionkit.module import LesionClassifier
+    from lesionkit.model.module import LesionClassifier
 
     forward, calls = LesionClassifier.forward, []
 

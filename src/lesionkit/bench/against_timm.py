@@ -17,15 +17,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lesionkit import CLASSES
-from lesionkit.cache import build_cache
+from lesionkit.data.cache import build_cache
 from lesionkit.config import AugmentConfig, ModelConfig, PhaseConfig, TrainConfig
-from lesionkit.loader import ImageDataset, make_loader
-from lesionkit.model import create_model
-from lesionkit.module import LesionClassifier
-from lesionkit.preprocessing import Preprocessing
-from lesionkit.timing import synchronize
-from lesionkit.train import resolve_precision
-from lesionkit.transforms import train_transform
+from lesionkit.data.datasets import ImageDataset, make_loader
+from lesionkit.model.network import create_model
+from lesionkit.model.checkpoint import checkpoint_meta
+from lesionkit.model.module import LesionClassifier
+from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.bench.timing import synchronize
+from lesionkit.train.loop import resolve_precision
+from lesionkit.data.transforms import train_transform
 
 
 @contextlib.contextmanager
@@ -66,7 +67,7 @@ def lesionkit_full_network(model_name: str, dataset: ImageDataset, pre: Preproce
     """Images/s of ``trainer.fit`` of the Lightning module ``lesionkit train`` runs, training everything with
     BatchNorm statistics updating."""
     model = create_model(ModelConfig(name=model_name, weights="none"), len(CLASSES))
-    meta = {"model_name": model_name, "classes": list(CLASSES), "preprocessing": pre.to_dict()}
+    meta = checkpoint_meta(model_name, pre)
     module = LesionClassifier(model, [PhaseConfig("full", 1, 1e-4, unfreeze=-1, freeze_bn=False)], None, meta)
     module.set_phase(0)
     timer = StepTimer()

@@ -1,4 +1,4 @@
-"""``lesionkit benchmark``: how fast this machine loads, trains, evaluates and serves, each saving measured
+"""How fast this machine loads, trains, evaluates and serves, each saving measured
 side by side with what it saves against, in one run.
 
 - data: images/s through the eval transform from the JPEGs vs from the image cache (one process);
@@ -19,7 +19,6 @@ Steps run on random tensors except where the data is the point, so the training 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -36,22 +35,19 @@ import pandas as pd
 import timm
 import torch
 
-from lesionkit import CLASSES, LesionkitError
-from lesionkit.against_timm import bench_full_network
+from lesionkit import LesionkitError
+from lesionkit.bench.against_timm import bench_full_network
 from lesionkit.allocator import hold_freed_memory, user_chose_allocator
-from lesionkit.cache import build_cache
+from lesionkit.data.cache import build_cache
 from lesionkit.config import AugmentConfig, ModelConfig
-from lesionkit.data import load_dataset
-from lesionkit.loader import ImageDataset, make_loader
-from lesionkit.model import create_model, freeze_batchnorm_stats, set_trainable
-from lesionkit.module import adamw
-from lesionkit.preprocessing import Preprocessing
-from lesionkit.timing import latencies, rate, synchronize
-from lesionkit.transforms import eval_transform, train_transform
-
-# What the issue asks of each saving; printed beside the measurement, never asserted (timings vary).
-TARGETS = {"cache": 5.0, "frozen": 3.0, "finetune": 1.5, "full": 1.0, "onnx": 2.5}
-
+from lesionkit.data.metadata import load_dataset
+from lesionkit.data.datasets import ImageDataset, make_loader
+from lesionkit.model.network import create_model, freeze_batchnorm_stats, set_trainable
+from lesionkit.model.checkpoint import checkpoint_meta
+from lesionkit.model.module import adamw
+from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.bench.timing import latencies, rate, synchronize
+from lesionkit.data.transforms import eval_transform, train_transform
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +121,7 @@ def random_batch(batch_size: int, size: tuple[int, int], device: torch.device) -
 
 def bench_training(model: torch.nn.Module, size: tuple[int, int], batch_size: int, steps: int,
                    device: torch.device) -> dict:
-    from lesionkit.features import head_logits
+    from lesionkit.model.features import head_logits
 
     images, labels = random_batch(batch_size, size, device)
     # With everything trained the naive way is the same thing: "full" has no naive twin.
@@ -189,7 +185,7 @@ def bench_allocator(model_name: str, size: tuple[int, int], batch_size: int, ste
     results = {"glibc": [], "held": []}
     for order in (("glibc", "held"), ("held", "glibc")):
         for side in order:
-            code = (f"import json; from lesionkit.benchmark import head_steps; print(json.dumps(head_steps("
+            code = (f"import json; from lesionkit.bench.measure import head_steps; print(json.dumps(head_steps("
                     f"{model_name!r}, {tuple(size)}, {batch_size}, {steps}, {side == 'held'})))")
             child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if child.returncode != 0:
@@ -249,7 +245,8 @@ def batch_statistics(model: torch.nn.Module, images: torch.Tensor) -> None:
 def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batch_size: int, repeats: int,
                     device: torch.device, workdir: Path) -> tuple[dict, dict]:
     """Evaluation images/s on ``device``, and onnxruntime vs PyTorch eager on the CPU (one image; a batch)."""
-    from lesionkit.export import OnnxClassifier, compare_model, export_model
+    from lesionkit.serve.export import compare_model, export_model
+    from lesionkit.serve.onnx_classifier import OnnxClassifier
 
     model.eval()
     images, _ = random_batch(batch_size, (pre.height, pre.width), device)
@@ -329,7 +326,7 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
     torch.manual_seed(0)
     model = create_model(ModelConfig(name=model_name, weights="none"), 7)  # weights do not change speed
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), [64, 88] if quick else None)
-    meta = {"model_name": model_name, "classes": list(CLASSES), "preprocessing": pre.to_dict(), "temperature": 1.0}
+    meta = checkpoint_meta(model_name, pre, temperature=1.0)
     model = model.to(device, memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory(prefix="lesionkit-benchmark-") as tmp:
         tmp = Path(tmp)
@@ -363,80 +360,4 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
             "data_source": source, "quick": quick, "torch": torch.__version__,
             "environment": threading_environment(), "cache": data,
             "training": training, "allocator": allocator, "loader": wait, "evaluation": evaluation, "onnx": onnx,
-            "memory": memory(device), "targets": TARGETS}
-
-
-def allocator_row(a: dict) -> str:
-    if "skipped" in a:
-        return f"memory held      skipped: {a['skipped']}"
-    return (f"memory held      {a['held_images_per_s']:8.1f} img/s   glibc's defaults {a['glibc_images_per_s']:8.1f} "
-            f"img/s   {a['ratio']:5.2f}x   (frozen-phase step, batch {a['batch_size']}: "
-            f"{a['held_page_faults_per_step']:,.0f} vs {a['glibc_page_faults_per_step']:,.0f} page faults)")
-
-
-def table(result: dict) -> str:
-    c, t, o = result["cache"], result["training"], result["onnx"]
-    f = t["full_vs_timm"]
-    if "skipped" in o:
-        o = {k: float("nan") for k in ("torch_latency_ms", "onnxruntime_latency_ms", "ratio", "max_abs_difference",
-                                        "max_abs_logit", "onnxruntime_1_thread_latency_ms",
-                                        "torch_batch_images_per_s", "onnxruntime_batch_images_per_s")}
-
-    def verdict(value: float, key: str) -> str:
-        return f"{value:5.2f}x  (target >= {TARGETS[key]}x: {'met' if value >= TARGETS[key] else 'NOT met'})"
-    rows = [
-        f"lesionkit benchmark on {result['device']}, {result['model']} at {result['input'][0]}x{result['input'][1]}, "
-        f"torch {result['torch']}, data: {result['data_source']}{' (quick)' if result['quick'] else ''}",
-        f"processor: {result['cpu']}",
-        *[f"{name}={value}" + (" (PyTorch's threads sleep between operations: one image's latency about doubles, "
-                               "measured here)" if value.upper() == "PASSIVE" else "")
-          for name, value in result["environment"].items()],
-        "",
-        f"data, {c['images']} images   JPEG {c['jpeg_images_per_s']:8.1f} img/s   cache {c['cache_images_per_s']:8.1f} "
-        f"img/s   {verdict(c['ratio'], 'cache')}   (cache built at {c['build_images_per_s']:.0f} img/s)",
-        f"frozen phase     {t['frozen']['images_per_s']:8.1f} img/s   naive {t['frozen']['naive_images_per_s']:8.1f} "
-        f"img/s   {verdict(t['frozen']['ratio'], 'frozen')}",
-        f"  on stored features {t['frozen']['cached_features_images_per_s']:8.0f} img/s (cache_features: true)",
-        f"fine-tune phase  {t['finetune']['images_per_s']:8.1f} img/s   "
-        f"naive {t['finetune']['naive_images_per_s']:8.1f} img/s   {verdict(t['finetune']['ratio'], 'finetune')}",
-        f"full network     {t['full']['images_per_s']:8.1f} img/s (BatchNorm statistics frozen, random batch)",
-        f"  real images at {f['size'][0]}x{f['size'][1]}, batch {f['batch_size']}, BatchNorm updating: lesionkit "
-        f"{f['images_per_s']:.1f} img/s   timm train.py way {f['timm_train_py_images_per_s']:.1f} img/s   "
-        f"{verdict(f['ratio'], 'full')}",
-        allocator_row(result["allocator"]),
-        f"loader (fine-tune, {result['loader']['workers']} workers): {result['loader']['images_per_s']:.1f} img/s, "
-        f"{100 * result['loader']['wait_share']:.0f}% of the step waiting for data",
-        f"evaluation       {result['evaluation']['images_per_s']:8.1f} img/s",
-        f"one image        PyTorch {o['torch_latency_ms']:7.1f} ms   onnxruntime {o['onnxruntime_latency_ms']:7.1f} ms"
-        f"   {verdict(o['ratio'], 'onnx')}   max |diff| {o['max_abs_difference']:.1e} (target <= 1e-4) on logits up to "
-        f"{o['max_abs_logit']:.2f}",
-        f"  onnxruntime on one thread {o['onnxruntime_1_thread_latency_ms']:.1f} ms: all threads together "
-        f"{o['onnxruntime_1_thread_latency_ms'] / o['onnxruntime_latency_ms']:.2f}x faster",
-        f"batch of {result['evaluation']['batch_size']:<3}     PyTorch {o['torch_batch_images_per_s']:7.1f} img/s   "
-        f"onnxruntime {o['onnxruntime_batch_images_per_s']:7.1f} img/s",
-        "peak memory      " + ", ".join(f"{k.removeprefix('peak_').removesuffix('_mb')} {v:.0f} MB"
-                                         for k, v in result["memory"].items()),
-    ]
-    return "\n".join(rows)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, help="HAM10000-style folder to load from, e.g. the 600x450 "
-                                                      "originals (default: generated 600x450 JPEGs)")
-    parser.add_argument("--model", default="tf_efficientnet_lite1", help="timm model (default: tf_efficientnet_lite1)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default: 10)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks that it runs")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument("--out", type=Path, help="also write the JSON to this file")
-
-
-def run(args: argparse.Namespace) -> int:
-    result = benchmark(args.data_dir, quick=args.quick, model_name=args.model, batch_size=args.batch_size,
-                       steps=args.steps)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text if args.json else table(result), file=sys.stdout)
-    return 0
+            "memory": memory(device)}

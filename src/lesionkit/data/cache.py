@@ -1,7 +1,7 @@
 """Decode every image once, at the size training reads it, into one memory-mapped uint8 file.
 
-A 600x450 JPEG costs ~7 ms to decode and scale on one core, every epoch; read back from the cache the same
-pixels cost ~0.1 ms. Images are stored at the eval transform's *cover* size (``size / crop_pct``, e.g.
+Decoding and scaling a 600x450 JPEG costs many times what reading the same pixels back from the cache costs,
+and without a cache it is paid every epoch (docs/speed.md has the figures). Images are stored at the eval transform's *cover* size (``size / crop_pct``, e.g.
 272x363 for a 240x320 input with crop_pct 0.882), which is what both transforms scale to first: the
 transforms then find the image already at that size, so evaluation sees the very same pixels as without
 the cache and training augments (flips, rotation, zoom, colour) from the same start. A larger margin for
@@ -29,9 +29,9 @@ from torchvision.transforms.functional import InterpolationMode
 from tqdm import tqdm
 
 from lesionkit import LesionkitError
-from lesionkit.images import load_image
-from lesionkit.preprocessing import Preprocessing
-from lesionkit.transforms import ResizeCover
+from lesionkit.data.images import load_image
+from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.data.transforms import ResizeCover
 
 FORMAT_VERSION = 1  # bump when the stored pixels change meaning
 DRAFT_FACTOR = 2  # JPEGs decode at no less than twice the stored size (see decode_cover)

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lesionkit import CLASSES
-from lesionkit.cache import ImageCache
-from lesionkit.images import load_image
+from lesionkit.data.cache import ImageCache
+from lesionkit.data.images import load_image
 
 
 class ImageDataset(Dataset):

@@ -14,8 +14,9 @@ from lesionkit import LesionkitError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 # Dermoscopy photos are at most a few thousand pixels a side; anything far larger is a decompression bomb.
-# Pillow only warns between this limit and twice it, so _open refuses everything above it itself.
-Image.MAX_IMAGE_PIXELS = 64_000_000
+# _open refuses it from the header. Pillow's own process-wide limit is left as it is: it refuses (at open) only
+# what is far above this one.
+MAX_PIXELS = 64_000_000
 # Resizing to cover a 4:3 input multiplies a needle-thin image's long side: 1x30000 px would become
 # 128x3.8M px. No photo of a lesion is 10 times longer than wide.
 MAX_ASPECT = 10
@@ -25,13 +26,13 @@ def _open(path: Path) -> Image.Image:
     """``Image.open`` with the size checks that keep a hostile header from exhausting memory."""
     try:
         image = Image.open(path)
-    except Image.DecompressionBombError as err:  # over twice the limit: Pillow refuses to open it at all
+    except Image.DecompressionBombError as err:  # far over the limit: Pillow refuses to open it at all
         raise LesionkitError(f"image {path} is too large to open safely (a decompression bomb?): {err} "
-                             f"Shrink it below {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+                             f"Shrink it below {MAX_PIXELS:,} pixels") from None
     width, height = image.size
-    if width * height > Image.MAX_IMAGE_PIXELS:
+    if width * height > MAX_PIXELS:
         image.close()
-        raise LesionkitError(f"image {path} claims {width}x{height} pixels, over the {Image.MAX_IMAGE_PIXELS:,} "
+        raise LesionkitError(f"image {path} claims {width}x{height} pixels, over the {MAX_PIXELS:,} "
                              f"pixel limit (a decompression bomb?): shrink it below that")
     if width < 1 or height < 1 or max(width, height) > MAX_ASPECT * min(width, height):
         image.close()

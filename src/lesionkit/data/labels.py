@@ -10,7 +10,6 @@ and an image without a label is listed in the report by id.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import numpy as np
 import pandas as pd
 
 from lesionkit import CLASSES, LesionkitError
-from lesionkit.data import Dataset, index_images
-from lesionkit.images import check_decodable
+from lesionkit.data.metadata import Dataset, index_images, locate_images, rows_named
 
 ISIC2018_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 
@@ -53,7 +51,7 @@ def read_labels(path: Path) -> tuple[pd.DataFrame, str]:
     unknown = frame.index[~frame["dx"].isin(CLASSES)]
     if len(unknown):
         raise LesionkitError(f"{path}: unknown label(s) {', '.join(sorted(set(frame.loc[unknown, 'dx'].astype(str))))}"
-                             f" on row(s) {_rows(unknown)}; dx must be one of {', '.join(CLASSES)}")
+                             f" on row(s) {rows_named(unknown)}; dx must be one of {', '.join(CLASSES)}")
     duplicated = frame["image_id"][frame["image_id"].duplicated()].unique()
     if len(duplicated):
         raise LesionkitError(f"{path}: image id(s) listed more than once: {', '.join(duplicated[:10])}")
@@ -69,15 +67,10 @@ def _from_one_hot(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         raise LesionkitError(f"{path}: the class columns must be numbers 0 or 1: {err}") from None
     bad = frame.index[~((np.isin(hot, (0.0, 1.0))).all(axis=1) & (hot.sum(axis=1) == 1))]
     if len(bad):
-        raise LesionkitError(f"{path}: row(s) {_rows(bad)} do not mark exactly one class with 1")
+        raise LesionkitError(f"{path}: row(s) {rows_named(bad)} do not mark exactly one class with 1")
     dx = np.array([c.lower() for c in ISIC2018_COLUMNS])[hot.argmax(axis=1)]
     rest = frame.drop(columns=[*ISIC2018_COLUMNS, "image"])
     return pd.concat([pd.DataFrame({"image_id": frame["image"], "dx": dx}), rest], axis=1)
-
-
-def _rows(index: pd.Index) -> str:
-    shown = ", ".join(str(i + 2) for i in index[:10])  # line numbers as an editor shows them: header is 1
-    return shown + (f" ... ({len(index)} rows)" if len(index) > 10 else "")
 
 
 def load_labelled_folder(images: Path, labels: Path, workers: int = 8) -> LabelledFolder:
@@ -86,11 +79,6 @@ def load_labelled_folder(images: Path, labels: Path, workers: int = 8) -> Labell
         raise LesionkitError(f"image folder {images} does not exist: check --images")
     frame, kind = read_labels(labels)
     found = index_images(images)
-    frame["path"] = frame["image_id"].map(lambda i: str(found[i]) if i in found else None)
-    problems = {i: "missing: no image file with this id" for i in frame.loc[frame["path"].isna(), "image_id"]}
-    present = frame.dropna(subset=["path"])
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        verdicts = pool.map(check_decodable, map(Path, present["path"]))
-        problems.update({i: v for i, v in zip(present["image_id"], verdicts, strict=True) if v})
+    problems = locate_images(frame, found, workers=workers)
     unlabelled = sorted(set(found) - set(frame["image_id"]))
     return LabelledFolder(frame, problems, unlabelled, kind)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from lesionkit import CLASSES, LesionkitError
-from lesionkit.images import IMAGE_SUFFIXES, check_decodable
+from lesionkit.data.images import IMAGE_SUFFIXES, check_decodable
 
 METADATA_NAME = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
@@ -62,13 +62,13 @@ def read_metadata(path: Path) -> pd.DataFrame:
     for column in REQUIRED_COLUMNS:
         blank = frame.index[frame[column].isna() | (frame[column].str.strip() == "")]
         if len(blank):
-            raise LesionkitError(f"{path}: column {column} is blank on row(s) {_rows(blank)}")
+            raise LesionkitError(f"{path}: column {column} is blank on row(s) {rows_named(blank)}")
         frame[column] = frame[column].str.strip()
     unknown = frame.index[~frame["dx"].isin(CLASSES)]
     if len(unknown):
         labels = sorted(set(frame.loc[unknown, "dx"]))
         raise LesionkitError(
-            f"{path}: unknown label(s) {', '.join(labels)} on row(s) {_rows(unknown)}; "
+            f"{path}: unknown label(s) {', '.join(labels)} on row(s) {rows_named(unknown)}; "
             f"dx must be one of {', '.join(CLASSES)}")
     duplicated = frame["image_id"][frame["image_id"].duplicated()].unique()
     if len(duplicated):
@@ -78,8 +78,8 @@ def read_metadata(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _rows(index: pd.Index) -> str:
-    # Rows as a user sees them in an editor: the header is line 1.
+def rows_named(index: pd.Index) -> str:
+    """Row numbers as a user sees them in an editor (the header is line 1), the first ten of them."""
     shown = ", ".join(str(i + 2) for i in index[:10])
     return shown + (f" ... ({len(index)} rows)" if len(index) > 10 else "")
 
@@ -101,7 +101,13 @@ def load_dataset(data_dir: str | Path, metadata: str | Path | None = None, *, de
         what = "is a file, not a folder" if data_dir.exists() else "does not exist"
         raise LesionkitError(f"data folder {data_dir} {what}: check --data-dir")
     frame = read_metadata(Path(metadata) if metadata else find_metadata(data_dir))
-    images = index_images(data_dir)
+    return Dataset(frame, locate_images(frame, index_images(data_dir), decode=decode, workers=workers))
+
+
+def locate_images(frame: pd.DataFrame, images: dict[str, Path], *, decode: bool = True, workers: int = 8
+                  ) -> dict[str, str]:
+    """Add each row's image file as a ``path`` column (None where ``images`` has none); return every problem
+    by image id: missing, and (``decode``) unreadable."""
     frame["path"] = frame["image_id"].map(lambda i: str(images[i]) if i in images else None)
     problems = {i: "missing: no image file with this id" for i in frame.loc[frame["path"].isna(), "image_id"]}
     if decode:
@@ -110,7 +116,7 @@ def load_dataset(data_dir: str | Path, metadata: str | Path | None = None, *, de
         with ThreadPoolExecutor(workers) as pool:
             verdicts = pool.map(check_decodable, map(Path, present["path"]))
             problems.update({i: v for i, v in zip(present["image_id"], verdicts, strict=True) if v})
-    return Dataset(frame, problems)
+    return problems
 
 
 def limit_per_class(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from lesionkit import LesionkitError
-from lesionkit.runfolder import atomic_write_csv
+from lesionkit.files import atomic_write_csv
 
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split"]
 PARTS = ("train", "val", "test")

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.functional import InterpolationMode
 
 from lesionkit.config import AugmentConfig
-from lesionkit.preprocessing import Preprocessing, cover_shape, normalisation
+from lesionkit.data.preprocessing import Preprocessing, cover_shape, normalisation
 
 
 class ResizeCover(torch.nn.Module):

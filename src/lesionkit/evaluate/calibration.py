@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from lesionkit import LesionkitError
-from lesionkit.runfolder import atomic_write_text, file_hash
+from lesionkit.files import atomic_write_text, file_hash
 
 FILE_NAME = "temperature.json"
 # T between e^-3 and e^3 (0.05..20): beyond that the model is broken, not miscalibrated.
@@ -37,10 +37,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     result = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=LOG_T_BOUNDS,
                              method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return torch.from_numpy(logits).double().div(temperature).softmax(dim=-1).numpy()
 
 
 def save_temperature(checkpoint: Path, temperature: float, details: dict) -> Path:

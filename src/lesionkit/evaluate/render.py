@@ -1,16 +1,22 @@
-"""``report.html``: the markdown report rendered by Python-Markdown, pictures embedded as base64 PNG.
-
-One file that can be mailed or attached to a review: no external image, script, font or style sheet.
-"""
+"""A report's three files: ``report.json`` (every number), ``report.md`` laid out for people, and the same
+rendered by Python-Markdown into one self-contained ``report.html`` with its PNG pictures embedded as base64: no
+external image, script, font or style sheet, so it can be mailed or attached to a review."""
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from pathlib import Path
 
 import markdown
+
+from lesionkit.evaluate.report import HEADLINE, Report
+from lesionkit.files import atomic_write_text
+
+LONG_NAMES = {**HEADLINE, "balanced_accuracy": "balanced accuracy (mean per-class recall)",
+              "macro_auc": "macro AUC (one-vs-rest)"}
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -34,9 +40,113 @@ def embed_images(body: str, folder: Path) -> str:
     return re.sub(r'src="([^":/]+\.png)"', inline, body)
 
 
-def write_html(markdown_text: str, title: str, folder: Path, path: Path) -> None:
-    """Render ``markdown_text`` to a self-contained page at ``path``; pictures are read from ``folder``."""
+def html_page(markdown_text: str, title: str, folder: Path) -> str:
+    """``markdown_text`` as a self-contained page; pictures are read from ``folder``."""
     body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"], output_format="html")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head>\n<body>\n{embed_images(body, folder)}\n</body></html>\n")
-    path.write_text(page, encoding="utf-8")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "n/a" if not bounds else f"{100 * bounds[0]:.1f}% to {100 * bounds[1]:.1f}%"
+
+
+def markdown_table(header: list[str], rows) -> list[str]:
+    """A markdown table's lines (pandas' ``to_markdown`` would need the tabulate package)."""
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def write_report(report: Report, out_dir: Path, title: str) -> None:
+    """Write ``report.json``, ``report.md`` and a self-contained ``report.html`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2), "report")
+    markdown = render_markdown(report, title)
+    atomic_write_text(out_dir / "report.md", markdown, "report")
+    atomic_write_text(out_dir / "report.html", html_page(markdown, title, out_dir), "report")
+
+
+def render_markdown(report: Report, title: str) -> str:
+    """The report as markdown: headline with intervals, melanoma operating points, calibration, per class,
+    confusion matrix, pictures, subgroups, data, skipped images and settings."""
+    lines = [f"# {title}", ""]
+    for key, value in report.context.items():
+        lines.append(f"- {key}: {value}")
+    boot = report.bootstrap
+    lines += ["", "## Headline", ""]
+    if boot:
+        lines += [f"{100 * boot['confidence']:.0f}% intervals: percentile bootstrap, {boot['resamples']} resamples of "
+                  f"{boot['units']} {boot.get('unit', 'lesion')}s (seed {boot['seed']}).", ""]
+    lines += markdown_table(["metric", "value", "interval"],
+                    [[name, _pct(getattr(report, key)), _interval(report.interval(key))]
+                     for key, name in LONG_NAMES.items()]
+                    + [["weighted F1", _pct(report.weighted_f1), ""], ["images", report.n_images, ""]])
+    points = report.melanoma_operating_points
+    if points:
+        lines += ["", "## Melanoma operating points (one melanoma-vs-rest threshold)", ""]
+        rows = [[f"sensitivity at specificity >= {k}", _pct(v["value"]), f"{v['threshold']:.4f}"]
+                for k, v in points["sensitivity_at_specificity"].items()]
+        rows += [[f"specificity at sensitivity >= {k}", _pct(v["value"]), f"{v['threshold']:.4f}"]
+                 for k, v in points["specificity_at_sensitivity"].items()]
+        lines += markdown_table(["operating point", "value", "threshold on p(mel)"], rows)
+    if report.ece:
+        cal = report.calibration
+        temperature = f"{cal['temperature']:.3f}" if cal["temperature"] else "none fitted"
+        lines += ["", "## Calibration", "",
+                  f"Temperature: {temperature}"
+                  + (f", from {cal['source']}" if cal.get("source") else "")
+                  + (" (fitted on these images, so 'after' is optimistic)" if cal.get("fitted_here") else "")
+                  + f". ECE: top-label, {cal['n_bins']} equal-width bins.", ""]
+        lines += markdown_table(["", "ECE", "Brier score"],
+                        [[when, _pct(report.ece[when]) if report.ece[when] is not None else "n/a",
+                          "n/a" if report.brier[when] is None else f"{report.brier[when]:.4f}"]
+                         for when in ("before", "after")])
+    lines += ["", "## Per class", ""]
+    lines += markdown_table(["class", "images", "sensitivity (recall)", "specificity", "precision", "F1", "AUC", "AP"],
+                    [[name, c["support"], _pct(c["recall"]), _pct(c.get("specificity")), _pct(c["precision"]),
+                      _pct(c["f1"]), _pct(c["auc"]), _pct(c.get("average_precision"))]
+                     for name, c in report.per_class.items()])
+    classes = report.confusion_matrix["classes"]
+    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
+    matrix = report.confusion_matrix["matrix"]
+    lines += markdown_table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, matrix, strict=True)])
+    for name, caption in report.figures.items():
+        lines += ["", f"![{caption}]({name})"]
+    lines += _subgroups(report.subgroups)
+    lines += _data(report.data)
+    for ids, heading in ((report.skipped_images, "Skipped images (missing or unreadable)"),
+                         (report.unlabelled_images, "Images without a label (not evaluated)")):
+        if ids:
+            lines += ["", f"## {heading}: {len(ids)}", "", ", ".join(ids)]
+    if report.settings:
+        lines += ["", "## Settings", "", "```json", json.dumps(report.settings, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _subgroups(subgroups: dict) -> list[str]:
+    lines = []
+    for column, groups in subgroups.items():
+        lines += ["", f"## By {column.replace('_', ' ')}", ""]
+        header = ["group", "images", "lesions", "balanced accuracy", "melanoma sensitivity", "accuracy", "status"]
+        lines += markdown_table(header,
+                        [[g, m["images"], m["lesions"], _pct(m["balanced_accuracy"]), _pct(m["melanoma_sensitivity"]),
+                          _pct(m["accuracy"]), m["status"]] for g, m in groups.items()])
+    return lines
+
+
+def _data(data: dict | None) -> list[str]:
+    if not data:
+        return []
+    lines = ["", "## Data", ""]
+    lines += [f"- {key}: {value}" for key, value in data.items() if not isinstance(value, dict)]
+    for key, table in data.items():
+        if isinstance(table, dict):  # {part: {class: count}}
+            parts = list(table)
+            classes = list(next(iter(table.values())))
+            lines += ["", f"{key.replace('_', ' ')}:", ""]
+            lines += markdown_table(["class", *parts], [[c, *(table[p].get(c, 0) for p in parts)] for c in classes])
+    return lines

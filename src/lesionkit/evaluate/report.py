@@ -1,30 +1,101 @@
-"""An evaluation's three files: ``report.json`` (every number), ``report.md`` and ``report.html``.
+"""The report of one evaluation as a typed record, read back from ``report.json``, and ``predictions.csv``
+(:mod:`lesionkit.evaluate.render` writes the report's own files).
 
-The metrics come from :mod:`lesionkit.metrics`; this module only lays them out. The markdown is the
-single layout: the HTML is rendered from it, with its PNG pictures embedded (see :mod:`lesionkit.report_html`).
+The metrics come from :mod:`lesionkit.evaluate.metrics`; the rest of the report is added by the evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from lesionkit.metrics import classification_metrics, operating_points
-from lesionkit.report_html import write_html
+from lesionkit import LesionkitError
+from lesionkit.evaluate.metrics import classification_metrics, operating_points
+from lesionkit.files import atomic_write_csv
 
-HEADLINE_NAMES = {"balanced_accuracy": "balanced accuracy (mean per-class recall)",
-                  "melanoma_sensitivity": "melanoma sensitivity", "macro_auc": "macro AUC (one-vs-rest)",
-                  "macro_f1": "macro F1", "accuracy": "accuracy"}
+# The headline metrics, in the order every table shows them, with their short names.
+HEADLINE = {"balanced_accuracy": "balanced accuracy", "melanoma_sensitivity": "melanoma sensitivity",
+            "macro_auc": "macro AUC", "macro_f1": "macro F1", "accuracy": "accuracy"}
 
 
-def build_report(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
-    """Headline, per-class and melanoma operating-point metrics (see :mod:`lesionkit.metrics`)."""
-    report = classification_metrics(labels, probabilities, classes)
-    report["melanoma_operating_points"] = operating_points(labels, probabilities, classes)
-    return report
+@dataclass
+class Report:
+    """Every number of one evaluation. Fields are in ``report.json``'s order; the nested sections stay plain
+    dicts as written there."""
+
+    n_images: int
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    weighted_f1: float
+    macro_auc: float | None
+    macro_average_precision: float | None
+    melanoma_sensitivity: float | None
+    per_class: dict
+    """Per class: precision, recall (= sensitivity), specificity, F1, AUC, average precision, support."""
+    confusion_matrix: dict
+    """``classes`` and ``matrix`` (rows: true class, columns: predicted)."""
+    melanoma_operating_points: dict | None = None
+    ece: dict = field(default_factory=dict)
+    """Top-label ECE ``before`` and ``after`` temperature scaling (None without a temperature)."""
+    brier: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    """The temperature, where it came from, and the reliability bins."""
+    intervals: dict | None = None
+    """Bootstrap interval ``[low, high]`` of each headline metric; None when no bootstrap was drawn."""
+    bootstrap: dict | None = None
+    """How the intervals were drawn (resamples, seed, confidence, unit)."""
+    subgroups: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+    """Picture file name: caption, in reading order."""
+    context: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    skipped_images: list = field(default_factory=list)
+    unlabelled_images: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """``report.json``'s content; the bootstrap's two sections appear only where one was drawn."""
+        out = dataclasses.asdict(self)
+        if self.bootstrap is None:
+            del out["intervals"], out["bootstrap"]
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Report:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def interval(self, key: str) -> list[float] | None:
+        return (self.intervals or {}).get(key)
+
+    def headline(self) -> str:
+        """One line of the headline metrics, for the command line."""
+        return (f"balanced accuracy {self.balanced_accuracy:.4f}, accuracy {self.accuracy:.4f}, macro AUC "
+                f"{self.macro_auc or float('nan'):.4f}, melanoma sensitivity {self.melanoma_sensitivity or 0:.4f}")
+
+
+def build_report(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> Report:
+    """Headline, per-class and melanoma operating-point metrics (see :mod:`lesionkit.evaluate.metrics`)."""
+    return Report(**classification_metrics(labels, probabilities, classes),
+                  melanoma_operating_points=operating_points(labels, probabilities, classes))
+
+
+def load_report(path: Path) -> Report:
+    """The report in ``path``: a ``report.json``, or a folder holding one (a run or an evaluation folder)."""
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise LesionkitError(f"{path} is neither a report.json nor a folder holding one")
+    try:
+        return Report.from_dict(json.loads(file.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise LesionkitError(f"{file} is not a lesionkit report ({err}): pass a report.json that `lesionkit "
+                             f"evaluate` or `lesionkit train` wrote") from None
 
 
 def write_predictions(frame: pd.DataFrame, probabilities: np.ndarray, classes: list[str], path: Path) -> None:
@@ -32,106 +103,4 @@ def write_predictions(frame: pd.DataFrame, probabilities: np.ndarray, classes: l
     table = frame[["image_id", "dx"]].reset_index(drop=True).copy()
     table["prediction"] = [classes[i] for i in probabilities.argmax(axis=1)]
     table[[f"p_{c}" for c in classes]] = probabilities
-    table.to_csv(path, index=False, float_format="%.6f")
-
-
-def write_report(report: dict, out_dir: Path, title: str) -> None:
-    """Write ``report.json``, ``report.md`` and a self-contained ``report.html`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    markdown = render_markdown(report, title)
-    (out_dir / "report.md").write_text(markdown)
-    write_html(markdown, title, out_dir, out_dir / "report.html")
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
-
-
-def _interval(bounds: list[float] | None) -> str:
-    return "n/a" if not bounds else f"{100 * bounds[0]:.1f}% to {100 * bounds[1]:.1f}%"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
-            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
-
-
-def render_markdown(report: dict, title: str) -> str:
-    lines = [f"# {title}", ""]
-    for key, value in report.get("context", {}).items():
-        lines.append(f"- {key}: {value}")
-    intervals, boot = report.get("intervals", {}), report.get("bootstrap")
-    lines += ["", "## Headline", ""]
-    if boot:
-        lines += [f"{100 * boot['confidence']:.0f}% intervals: percentile bootstrap, {boot['resamples']} resamples of "
-                  f"{boot['units']} {boot.get('unit', 'lesion')}s (seed {boot['seed']}).", ""]
-    lines += _table(["metric", "value", "interval"],
-                    [[name, _pct(report.get(key)), _interval(intervals.get(key))]
-                     for key, name in HEADLINE_NAMES.items()]
-                    + [["weighted F1", _pct(report.get("weighted_f1")), ""], ["images", report["n_images"], ""]])
-    points = report.get("melanoma_operating_points")
-    if points:
-        lines += ["", "## Melanoma operating points (one melanoma-vs-rest threshold)", ""]
-        rows = [[f"sensitivity at specificity >= {k}", _pct(v["value"]), f"{v['threshold']:.4f}"]
-                for k, v in points["sensitivity_at_specificity"].items()]
-        rows += [[f"specificity at sensitivity >= {k}", _pct(v["value"]), f"{v['threshold']:.4f}"]
-                 for k, v in points["specificity_at_sensitivity"].items()]
-        lines += _table(["operating point", "value", "threshold on p(mel)"], rows)
-    if "ece" in report:
-        cal = report["calibration"]
-        temperature = f"{cal['temperature']:.3f}" if cal["temperature"] else "none fitted"
-        lines += ["", "## Calibration", "",
-                  f"Temperature: {temperature}"
-                  + (f", from {cal['source']}" if cal.get("source") else "")
-                  + (" (fitted on these images, so 'after' is optimistic)" if cal.get("fitted_here") else "")
-                  + f". ECE: top-label, {cal['n_bins']} equal-width bins.", ""]
-        lines += _table(["", "ECE", "Brier score"],
-                        [[when, _pct(report["ece"][when]) if report["ece"][when] is not None else "n/a",
-                          "n/a" if report["brier"][when] is None else f"{report['brier'][when]:.4f}"]
-                         for when in ("before", "after")])
-    lines += ["", "## Per class", ""]
-    lines += _table(["class", "images", "sensitivity (recall)", "specificity", "precision", "F1", "AUC", "AP"],
-                    [[name, c["support"], _pct(c["recall"]), _pct(c.get("specificity")), _pct(c["precision"]),
-                      _pct(c["f1"]), _pct(c["auc"]), _pct(c.get("average_precision"))]
-                     for name, c in report["per_class"].items()])
-    classes = report["confusion_matrix"]["classes"]
-    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
-    matrix = report["confusion_matrix"]["matrix"]
-    lines += _table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, matrix, strict=True)])
-    for name, caption in report.get("figures", {}).items():
-        lines += ["", f"![{caption}]({name})"]
-    lines += _subgroups(report.get("subgroups", {}))
-    lines += _data(report.get("data"))
-    for key, heading in (("skipped_images", "Skipped images (missing or unreadable)"),
-                         ("unlabelled_images", "Images without a label (not evaluated)")):
-        if report.get(key):
-            lines += ["", f"## {heading}: {len(report[key])}", "", ", ".join(report[key])]
-    if "settings" in report:
-        lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2), "```"]
-    return "\n".join(lines) + "\n"
-
-
-def _subgroups(subgroups: dict) -> list[str]:
-    lines = []
-    for column, groups in subgroups.items():
-        lines += ["", f"## By {column.replace('_', ' ')}", ""]
-        header = ["group", "images", "lesions", "balanced accuracy", "melanoma sensitivity", "accuracy", "status"]
-        lines += _table(header,
-                        [[g, m["images"], m["lesions"], _pct(m["balanced_accuracy"]), _pct(m["melanoma_sensitivity"]),
-                          _pct(m["accuracy"]), m["status"]] for g, m in groups.items()])
-    return lines
-
-
-def _data(data: dict | None) -> list[str]:
-    if not data:
-        return []
-    lines = ["", "## Data", ""]
-    lines += [f"- {key}: {value}" for key, value in data.items() if not isinstance(value, dict)]
-    for key, table in data.items():
-        if isinstance(table, dict):  # {part: {class: count}}
-            parts = list(table)
-            classes = list(next(iter(table.values())))
-            lines += ["", f"{key.replace('_', ' ')}:", ""]
-            lines += _table(["class", *parts], [[c, *(table[p].get(c, 0) for p in parts)] for c in classes])
-    return lines
+    atomic_write_csv(table, path, "predictions", index=False, float_format="%.6f")

@@ -4,7 +4,7 @@
   never pickled code), for ``predict``/``evaluate`` and for ``train --resume`` alike.
 - Checking: :func:`check_compatible` explains a checkpoint from another model, class list or a newer lesionkit.
 
-Writing them whole, and resuming to the same result, is training's part (:mod:`lesionkit.resume`); this module
+Writing them whole, and resuming to the same result, is training's part (:mod:`lesionkit.train.resume`); this module
 stays free of Lightning, whose import alone takes a second that ``predict`` need not wait.
 """
 
@@ -16,9 +16,18 @@ from typing import Any
 
 import torch
 
-from lesionkit import LesionkitError, __version__
+from lesionkit import CLASSES, LesionkitError, __version__
+from lesionkit.data.preprocessing import Preprocessing
 
 REQUIRED_META = ("model_name", "classes", "preprocessing")
+
+
+def checkpoint_meta(model_name: str, preprocessing: Preprocessing, classes: list[str] | tuple[str, ...] = CLASSES,
+                    **extra) -> dict[str, Any]:
+    """What every consumer of a trained network needs to rebuild it and see images as it did in training: the
+    timm model name, the class names in output order and the preprocessing; ``extra`` adds more (the training
+    config, the temperature)."""
+    return {"model_name": model_name, "classes": list(classes), "preprocessing": preprocessing.to_dict(), **extra}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from lesionkit.loader import make_loader
+from lesionkit.data.datasets import make_loader
 
 
 def _device() -> torch.device:

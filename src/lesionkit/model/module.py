@@ -8,8 +8,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lesionkit import LesionkitError, __version__
 from lesionkit.config import PhaseConfig
-from lesionkit.features import head_logits
-from lesionkit.model import freeze_batchnorm_stats, set_trainable
+from lesionkit.model.features import head_logits
+from lesionkit.model.network import freeze_batchnorm_stats, set_trainable
 
 MONITOR = "val/balanced_accuracy"
 
@@ -58,7 +58,7 @@ class LesionClassifier(L.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim == 2:  # stored backbone features, in a phase with cache_features (lesionkit.features)
+        if images.ndim == 2:  # stored backbone features, in a phase with cache_features (lesionkit.model.features)
             return head_logits(self.model, images)
         return self.model(images.contiguous(memory_format=torch.channels_last))
 

@@ -1,52 +1,67 @@
-"""Test-time augmentation: the eight flips and 90-degree rotations of each image, probabilities averaged.
+"""The one interface every classifier serves through, and what is computed on top of its logits, in NumPy alone:
+test-time views, the temperature softmax and the averaging of views.
 
-A dermoscopic lesion has no "up", so all eight symmetries of the square (the dihedral group D4) are equally
-valid views. A 90-degree turn makes a 4:3 input 3:4; the network pools globally, so it takes either.
-TTA is a configuration chosen before evaluation (``--tta``) and reported as such, never picked on test
-results; it costs eight forward passes per image.
+A classifier, PyTorch's (:mod:`lesionkit.serve.torch_classifier`) or onnxruntime's
+(:mod:`lesionkit.serve.onnx_classifier`), knows its classes, its preprocessing and its fitted temperature; it
+frames a Pillow image as the network's input array and gives the logits of a batch. Everything else is here.
+
+Test-time augmentation uses the eight flips and 90-degree rotations of each image: a dermoscopic lesion has no
+"up", so all eight symmetries of the square (the dihedral group D4) are equally valid views. A 90-degree turn
+makes a 4:3 input 3:4; the network pools globally, so it takes either. TTA is a configuration chosen before
+evaluation (``--tta``) and reported as such, never picked on test results; it costs eight forward passes.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
+from typing import Protocol
 
-from lesionkit.calibration import softmax
-from lesionkit.inference import Classifier
-from lesionkit.predict import progress
+import numpy as np
+from PIL import Image
+
+from lesionkit.data.preprocessing import Preprocessing
 
 VIEW_NAMES = ("identity", "rot90", "rot180", "rot270", "hflip", "hflip+rot90", "hflip+rot180", "hflip+rot270")
 
 
-def views(batch: torch.Tensor) -> list[torch.Tensor]:
-    """The eight D4 views of an ``(n, c, h, w)`` batch, identity first, in ``VIEW_NAMES`` order."""
-    flipped = batch.flip(-1)
-    return [torch.rot90(b, k, dims=(-2, -1)) for b in (batch, flipped) for k in range(4)]
+class Classifier(Protocol):
+    classes: list[str]
+    preprocessing: Preprocessing
+    temperature: float
+    """Divides the logits before the softmax (fitted on validation; 1 where none was fitted)."""
+    meta: dict
+    """What the checkpoint or export says of itself: model name, classes, preprocessing, ..."""
+
+    def transform(self, image: Image.Image) -> np.ndarray:
+        """An RGB image as the network's float32 ``(3, height, width)`` input."""
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """``(n, classes)`` float32 logits of an ``(n, 3, height, width)`` batch."""
 
 
-def batch_logits(classifier: Classifier, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+def views(batch: np.ndarray) -> list[np.ndarray]:
+    """The eight D4 views of an ``(n, c, h, w)`` batch, identity first, in :data:`VIEW_NAMES` order."""
+    flipped = batch[..., ::-1]
+    return [np.ascontiguousarray(np.rot90(b, k, axes=(-2, -1))) for b in (batch, flipped) for k in range(4)]
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` over the last axis, in float64."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    exp = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def view_logits(classifier: Classifier, batch: np.ndarray, tta: bool) -> np.ndarray:
     """``(n, views, classes)`` logits: one view without TTA, eight with it."""
-    return torch.stack([classifier.logits(view) for view in (views(batch) if tta else [batch])], dim=1)
-
-
-def loader_logits(classifier: Classifier, loader: DataLoader, tta: bool) -> np.ndarray:
-    """``(n, views, classes)`` logits for every image a loader yields, in order."""
-    logits = []
-    with progress(len(loader.dataset), tta) as bar:
-        for images, _ in loader:
-            logits.append(batch_logits(classifier, images, tta))
-            bar.update(len(images))
-    return torch.cat(logits).numpy()
+    return np.stack([classifier.logits(view) for view in (views(batch) if tta else [batch])], axis=1)
 
 
 def average_probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
-    """Each view's softmax at ``temperature`` (1 when None), averaged over views: ``(n, classes)``."""
+    """Each view's softmax at ``temperature`` (1 when None), averaged over the views: ``(n, classes)``."""
     return softmax(logits, temperature or 1.0).mean(axis=1)
 
 
-def probabilities(classifier: Classifier, batch: torch.Tensor, tta: bool) -> torch.Tensor:
-    """``(n, classes)`` calibrated probabilities (the classifier's own temperature), averaged over views with TTA."""
-    if not tta:
-        return classifier.probabilities(batch)
-    return torch.stack([classifier.probabilities(view) for view in views(batch)]).mean(dim=0)
+def probabilities(classifier: Classifier, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+    """``(n, classes)`` calibrated probabilities (the classifier's own temperature), averaged over the views with
+    ``tta``."""
+    return average_probabilities(view_logits(classifier, batch, tta), classifier.temperature)

@@ -1,7 +1,5 @@
-"""Serving an export of ``lesionkit export`` with onnxruntime, NumPy and Pillow alone: no torch, timm or
-Lightning to import, so ``predict --backend onnx`` answers one image in well under a second from the command
-line, where loading PyTorch takes seconds before the first image.
-"""
+"""An export of ``lesionkit export`` under onnxruntime, framed with NumPy and Pillow alone: no torch, timm or
+Lightning to import, so ``predict --backend onnx`` answers before PyTorch would have finished loading."""
 
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from lesionkit import LesionkitError
-from lesionkit.preprocessing import Preprocessing, eval_array
+from lesionkit.data.preprocessing import Preprocessing, eval_array
 
 METADATA_KEY = "lesionkit"  # the export's metadata entry: classes, preprocessing, temperature
 
@@ -22,21 +20,9 @@ def onnx_path_for(checkpoint: Path) -> Path:
     return checkpoint if checkpoint.suffix == ".onnx" else checkpoint.with_suffix(".onnx")
 
 
-def views(batch: np.ndarray) -> list[np.ndarray]:
-    """The eight flips and 90-degree turns of an ``(n, c, h, w)`` batch in :data:`lesionkit.tta.VIEW_NAMES`
-    order (``np.rot90`` turns the way ``torch.rot90`` does)."""
-    flipped = batch[..., ::-1]
-    return [np.ascontiguousarray(np.rot90(b, k, axes=(-2, -1))) for b in (batch, flipped) for k in range(4)]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 class OnnxClassifier:
-    """An exported network under onnxruntime, with the ``classes``, ``transform``, ``logits()`` and
-    ``probabilities()`` of ``lesionkit.inference.Classifier``, on NumPy arrays."""
+    """An exported network under onnxruntime, behind the :class:`lesionkit.serve.classifier.Classifier`
+    interface."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         try:
@@ -67,8 +53,3 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(batch, dtype=np.float32)})
         return logits
-
-    def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
-        """``(n, classes)`` calibrated probabilities, averaged over the eight views with ``tta``."""
-        return np.mean([softmax(self.logits(view) / self.temperature) for view in (views(batch) if tta else [batch])],
-                       axis=0)

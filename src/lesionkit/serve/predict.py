@@ -1,31 +1,25 @@
-"""``lesionkit predict``: class probabilities for a user's own images, of any size or mode.
+"""Class probabilities for a user's own images, of any size or mode, from any classifier: images decoded in
+threads ahead of the network, answers written batch by batch as they are known.
 
-An unreadable file gets a message on stderr and the exit code 1; every other image still gets its answer.
-With ``--backend onnx`` nothing of PyTorch is imported (:mod:`lesionkit.serving`): one image takes 0.2 s from
-the command line instead of 4 (measured on 2 CPU cores).
+An unreadable file gets a message of its own; every other image still gets its answer.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from lesionkit import LesionkitError
-from lesionkit.images import IMAGE_SUFFIXES, load_image
-from lesionkit.serving import OnnxClassifier, onnx_path_for
-
-if TYPE_CHECKING:  # imports torch and timm: only the torch backend loads it, when it runs
-    from lesionkit.inference import Classifier
+from lesionkit.data.images import IMAGE_SUFFIXES, load_image
+from lesionkit.serve.classifier import Classifier, probabilities
 
 # Threads that decode and frame images while the network works: Pillow and NumPy release the GIL.
 DECODERS = min(8, os.cpu_count() or 1)
@@ -35,16 +29,6 @@ def progress(total: int, tta: bool) -> tqdm:
     """A progress bar in images for runs long enough to want one (shown after a second, gone when done)."""
     return tqdm(total=total, desc="Predicting" + (", 8 views each" if tta else ""), unit="img", delay=1,
                 leave=False)
-
-
-def batch_probabilities(classifier: Classifier | OnnxClassifier, images: list, tta: bool) -> np.ndarray:
-    """``(n, classes)`` probabilities of transformed ``images``, averaged over the eight views with ``tta``."""
-    if isinstance(classifier, OnnxClassifier):  # NumPy through and through
-        return classifier.probabilities(np.stack(images), tta)
-    import torch
-
-    from lesionkit.tta import probabilities
-    return probabilities(classifier, torch.stack(images), tta).numpy()
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
@@ -62,12 +46,12 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def predict_paths(classifier: Classifier | OnnxClassifier, paths: list[Path], batch_size: int = 16,
+def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 16,
                   tta: bool = False, emit: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], list[str]]:
     """One ``{"image", "prediction", "probabilities"}`` record per readable image, and one error per other.
 
-    ``tta`` averages the probabilities of eight flipped and rotated views (:mod:`lesionkit.tta`); ``emit``, when
-    given, receives each batch's records as soon as they are known.
+    ``tta`` averages the probabilities of eight flipped and rotated views (:mod:`lesionkit.serve.classifier`);
+    ``emit``, when given, receives each batch's records as soon as they are known.
     """
     results, errors, pending = [], [], []
 
@@ -78,9 +62,9 @@ def predict_paths(classifier: Classifier | OnnxClassifier, paths: list[Path], ba
             return path, None, str(err)
 
     def flush():
-        probabilities = batch_probabilities(classifier, [image for _, image in pending], tta)
+        scored = probabilities(classifier, np.stack([image for _, image in pending]), tta)
         batch = []
-        for (path, _), row in zip(pending, probabilities.tolist(), strict=True):
+        for (path, _), row in zip(pending, scored.tolist(), strict=True):
             scores = dict(zip(classifier.classes, row, strict=True))
             batch.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
         pending.clear()
@@ -149,41 +133,3 @@ class Output:
         if self.fmt == "json":
             self.stream.write("\n]\n" if self.count else "]\n")
         self.stream.flush()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
-    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower; with "
-                             "--backend onnx, the file of `lesionkit export --tta`)")
-    parser.add_argument("--backend", choices=("torch", "onnx"),
-                        help="onnx: onnxruntime on the file `lesionkit export` wrote (the .onnx beside X.ckpt): "
-                             "starts without loading PyTorch and runs about twice as fast per image on a CPU "
-                             "(default: onnx for --checkpoint X.onnx, else torch)")
-
-
-def run(args: argparse.Namespace) -> int:
-    backend = args.backend or ("onnx" if args.checkpoint.suffix == ".onnx" else "torch")
-    if backend == "onnx":
-        classifier = OnnxClassifier(onnx_path_for(args.checkpoint))
-        height, width = classifier.preprocessing.height, classifier.preprocessing.width
-        if args.tta and height != width and not classifier.meta.get("turned"):
-            raise LesionkitError(f"--tta turns images by 90 degrees, from {height}x{width} to {width}x{height}, and "
-                                 f"this export serves {height}x{width} only: export it with `lesionkit export --tta`, "
-                                 f"or predict with PyTorch (--backend torch and the .ckpt)")
-    else:
-        from lesionkit.inference import Classifier
-        classifier = Classifier.load(args.checkpoint, args.device)
-    paths = collect_images(args.images)
-    output = Output(args.format, classifier.classes, sys.stdout, paths)
-    try:
-        _, errors = predict_paths(classifier, paths, args.batch_size, args.tta, emit=output.write)
-    finally:
-        output.close()
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    return 1 if errors else 0

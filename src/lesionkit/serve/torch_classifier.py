@@ -1,31 +1,35 @@
-"""Load a trained checkpoint safely and turn images into class probabilities."""
+"""A trained checkpoint under PyTorch, read safely, behind the :class:`lesionkit.serve.classifier.Classifier`
+interface."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
-from torch.utils.data import DataLoader
+from PIL import Image
 
 from lesionkit import LesionkitError
-from lesionkit.calibration import load_temperature
-from lesionkit.checkpoints import check_compatible, load_checkpoint
-from lesionkit.preprocessing import Preprocessing
-from lesionkit.transforms import eval_transform
+from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.data.transforms import eval_transform
+from lesionkit.evaluate.calibration import load_temperature
+from lesionkit.model.checkpoint import check_compatible, load_checkpoint
 
 
-class Classifier:
-    """A trained model with what it needs to see images as it did in training."""
+class TorchClassifier:
+    """A trained network with what it needs to see images as it did in training."""
 
-    def __init__(self, model: torch.nn.Module, classes: list[str], preprocessing: Preprocessing, meta: dict):
-        self.model, self.classes, self.preprocessing, self.meta = model.eval(), classes, preprocessing, meta
-        self.transform = eval_transform(preprocessing)
-        # Set by ``load`` from temperature.json beside the checkpoint (lesionkit.calibration); 1 = as trained.
-        self.temperature, self.temperature_source = 1.0, None
+    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, meta: dict, temperature: float = 1.0,
+                 temperature_source: str | None = None):
+        self.model, self.preprocessing, self.meta = model.eval(), preprocessing, meta
+        self.classes = list(meta["classes"])
+        self.eval_transform = eval_transform(preprocessing)
+        # From temperature.json beside the checkpoint (lesionkit.evaluate.calibration); 1 = as trained.
+        self.temperature, self.temperature_source = temperature, temperature_source
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TorchClassifier:
         """Read a lesionkit checkpoint with ``weights_only=True``: tensors and plain values, never code."""
         path = Path(path)
         checkpoint = load_checkpoint(path)
@@ -42,25 +46,18 @@ class Classifier:
             raise LesionkitError(f"{path}: its weights do not fit the {meta['model_name']} with {len(meta['classes'])} "
                                  f"classes its metadata names (another architecture or class count?): "
                                  f"{str(err)[:300]}") from None
-        classifier = cls(model.to(device, memory_format=torch.channels_last), list(meta["classes"]),
-                         Preprocessing(**meta["preprocessing"]), meta)
-        temperature, classifier.temperature_source = load_temperature(path)
-        classifier.temperature = temperature or 1.0
-        return classifier
+        temperature, source = load_temperature(path)
+        return cls(model.to(device, memory_format=torch.channels_last), Preprocessing(**meta["preprocessing"]), meta,
+                   temperature or 1.0, source)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def transform(self, image: Image.Image) -> np.ndarray:
+        return self.eval_transform(image).numpy()
+
     @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(batch).float().cpu()
-
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax of the logits divided by the checkpoint's fitted temperature (calibrated, same argmax)."""
-        return (self.logits(batch) / self.temperature).softmax(dim=1)
-
-    def predict_loader(self, loader: DataLoader) -> torch.Tensor:
-        """Probabilities for every image a loader yields, in order."""
-        return torch.cat([self.probabilities(images) for images, _ in loader])
+    def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        batch = torch.as_tensor(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(batch).float().cpu().numpy()

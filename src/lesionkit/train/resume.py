@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, RandomSampler
 
-from lesionkit.checkpoints import load_checkpoint
-from lesionkit.runfolder import atomic_write
+from lesionkit.model.checkpoint import load_checkpoint
+from lesionkit.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

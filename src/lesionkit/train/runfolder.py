@@ -1,15 +1,9 @@
-"""The run folder's safety: files replaced whole or not at all, one run per folder, and a record of what
-made the run (library versions, git commit, seed, the data's fingerprint) in ``provenance.json``.
-
-A ``kill -9`` or a full disk in the middle of a write must never leave half a file where a good one was:
-every file is written to a temporary name in the same folder, flushed to disk, then renamed over the old
-one (``os.replace`` is atomic on POSIX within one file system).
-"""
+"""The run folder: one run per folder, a folder checked before a run writes into it, and a record of what made
+the run (library versions, git commit, seed, the data's fingerprint) in ``provenance.json``."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -17,62 +11,42 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pandas as pd
 
 from lesionkit import LesionkitError, __version__
+from lesionkit.files import atomic_write_text, disk_error, file_hash
 
 LOCK_NAME = ".lock"
 PROVENANCE_NAME = "provenance.json"
 LIBRARIES = ("torch", "torchvision", "lightning", "timm", "torchmetrics", "numpy", "pandas", "scikit-learn",
              "pillow")
-# Errors that mean "the disk said no", as opposed to a bug: they get a message, not a traceback.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
-# mkstemp makes 0600 files; a replaced file should get the permissions a plain open() would give it.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
-def disk_error(err: OSError, path: Path | str, what: str = "file") -> LesionkitError:
-    """A user-facing message for a failed write: what failed, why, and that the old file is untouched."""
-    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-    return LesionkitError(f"could not write {what} {path}: {reason}. The previous version of it is intact; "
-                          f"free some space (or fix the folder) and run again (a training run: with --resume)")
+def prepare_out_dir(out: Path, resume: bool, rank: int = 0) -> bool:
+    """Check that ``out`` may be written; return True when there is a checkpoint to resume from.
 
-
-def atomic_write(path: Path, write: Callable[[Path], None], what: str = "file") -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        write(tmp)
-        with tmp.open("rb+") as f:  # fsync: a power cut after the rename must not leave an empty file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.errno in DISK_ERRNOS:
-            raise disk_error(err, path, what) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text), what)
-
-
-def atomic_write_csv(frame: pd.DataFrame, path: Path, **kwargs) -> None:
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, **kwargs))
+    A run stopped before its first epoch ended has a config but no checkpoint: ``--resume`` starts it over.
+    ``rank``: the process's rank under DDP, where Lightning starts ranks 1.. by re-running the command into
+    rank 0's folder.
+    """
+    if rank > 0:
+        return resume and (out / "checkpoints" / "last.ckpt").is_file()
+    if resume:
+        if (out / "checkpoints" / "last.ckpt").is_file():
+            return True
+        if not (out / "config.yaml").is_file():
+            raise LesionkitError(f"--resume: {out}/checkpoints/last.ckpt does not exist; nothing to resume")
+        print(f"{out} has no checkpoint yet (stopped during its first epoch): starting the run over")
+        return False
+    if any((out / name).exists() for name in ("config.yaml", "metrics.csv", "checkpoints")):
+        raise LesionkitError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 @contextlib.contextmanager
@@ -131,15 +105,6 @@ def library_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def file_hash(path: Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file, read in 1 MiB chunks (checkpoints are tens of MB)."""
-    digest = hashlib.new(algorithm)
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_fingerprint(metadata_path: Path, frame: pd.DataFrame) -> dict:

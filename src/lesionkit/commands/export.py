@@ -1,0 +1,56 @@
+"""``lesionkit export``: a checkpoint as an ONNX file for onnxruntime, checked against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Beyond this, onnxruntime's logits are not PyTorch's: a broken export, not rounding.
+TOLERANCE = 1e-3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
+    parser.add_argument("--format", choices=("onnx",), default="onnx")
+    parser.add_argument("--out", type=Path, help="file to write (default: the checkpoint's name with .onnx)")
+    parser.add_argument("--check", nargs="*", type=Path, default=[], metavar="IMAGE_OR_FOLDER",
+                        help="real images to compare PyTorch and onnxruntime on (default: 4 random inputs)")
+    parser.add_argument("--tta", action="store_true",
+                        help="also serve the inputs turned by 90 degrees that `predict --tta` feeds (a second "
+                             "graph: the file is twice the size)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from lesionkit import LesionkitError
+    from lesionkit.data.images import load_image
+    from lesionkit.serve.export import CHECK_BATCH, check_export, export_classifier
+    from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
+    from lesionkit.serve.predict import collect_images
+    from lesionkit.serve.torch_classifier import TorchClassifier
+
+    paths = collect_images(args.check) if args.check else []  # a wrong path is named before anything is written
+    classifier = TorchClassifier.load(args.checkpoint, "cpu")
+    out = export_classifier(classifier, args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
+    served = OnnxClassifier(out)
+    pre, turned = served.preprocessing, served.meta["turned"]
+    sizes = f"{pre.height} x {pre.width}" + (f" or {pre.width} x {pre.height}" if turned else "")
+    print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, classes {', '.join(served.classes)}, "
+          f"input batch x 3 x {sizes})", flush=True)  # before the check, which may meet an unreadable image
+    if paths:
+        what = f"{len(paths)} image(s)"
+        # Loaded a batch at a time: a folder of thousands of images need not fit in memory at once.
+        batches = (torch.from_numpy(np.stack([served.transform(load_image(p)) for p in paths[i:i + CHECK_BATCH]]))
+                   for i in range(0, len(paths), CHECK_BATCH))
+    else:
+        what = "4 random inputs"
+        batches = [torch.randn(4, 3, pre.height, pre.width, generator=torch.Generator().manual_seed(0))]
+    difference, largest = check_export(classifier.model, served, batches, len(paths) or 4)
+    print(f"max |PyTorch - onnxruntime| logit difference on {what}{' and their 90-degree turns' if turned else ''}: "
+          f"{difference:.2e} (logits up to {largest:.3g})")
+    if difference > TOLERANCE:
+        raise LesionkitError(f"onnxruntime's logits differ from PyTorch's by {difference:.2e} (> {TOLERANCE:g}): "
+                             f"do not use this export; report the model name and versions")
+    return 0

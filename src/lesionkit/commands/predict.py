@@ -1,0 +1,56 @@
+"""``lesionkit predict``: class probabilities for your own images.
+
+With ``--backend onnx`` nothing of PyTorch is imported: onnxruntime, NumPy and Pillow frame and score the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lesionkit import LesionkitError
+from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
+from lesionkit.serve.predict import Output, collect_images, predict_paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower; with "
+                             "--backend onnx, the file of `lesionkit export --tta`)")
+    parser.add_argument("--backend", choices=("torch", "onnx"),
+                        help="onnx: onnxruntime on the file `lesionkit export` wrote (the .onnx beside X.ckpt): "
+                             "starts without loading PyTorch and runs about twice as fast per image on a CPU "
+                             "(default: onnx for --checkpoint X.onnx, else torch)")
+
+
+def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: bool):
+    """The classifier ``--backend`` names (by default, the one the checkpoint's suffix suggests)."""
+    if (backend or ("onnx" if checkpoint.suffix == ".onnx" else "torch")) == "torch":
+        from lesionkit.serve.torch_classifier import TorchClassifier  # torch and timm: only when they serve
+        return TorchClassifier.load(checkpoint, device)
+    classifier = OnnxClassifier(onnx_path_for(checkpoint))
+    height, width = classifier.preprocessing.height, classifier.preprocessing.width
+    if tta and height != width and not classifier.meta.get("turned"):
+        raise LesionkitError(f"--tta turns images by 90 degrees, from {height}x{width} to {width}x{height}, and "
+                             f"this export serves {height}x{width} only: export it with `lesionkit export --tta`, "
+                             f"or predict with PyTorch (--backend torch and the .ckpt)")
+    return classifier
+
+
+def run(args: argparse.Namespace) -> int:
+    classifier = load_classifier(args.checkpoint, args.backend, args.device, args.tta)
+    paths = collect_images(args.images)
+    output = Output(args.format, classifier.classes, sys.stdout, paths)
+    try:
+        _, errors = predict_paths(classifier, paths, args.batch_size, args.tta, emit=output.write)
+    finally:
+        output.close()
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,71 @@
+"""``lesionkit train``: data check, lesion-grouped split, the phases, a validation report.
+
+Each explicit flag is a shorthand for one setting: its ``dest`` is the setting's dotted key, so the flags and
+``--set`` reach the config the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lesionkit import LesionkitError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML settings (see configs/); default: the built-in B1 recipe")
+    parser.add_argument("--out", required=True, type=Path, help="run folder to write (must not hold another run)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    group = parser.add_argument_group("settings (shorthands for --set KEY=VALUE)")
+
+    def setting(flag: str, key: str, help: str, **options) -> None:
+        if options.get("action") is None:  # the metavar a flag named like the setting would have
+            options["metavar"] = flag.removeprefix("--").replace("-", "_").upper()
+        group.add_argument(flag, dest=key, help=help, **options)
+    setting("--data-dir", "data.data_dir", "folder with HAM10000_metadata.csv and the images (data.data_dir)")
+    setting("--split-file", "split.split_file", "reuse a saved split.csv (split.split_file)")
+    setting("--allow-missing", "data.allow_missing", "skip missing or unreadable images, listing them in the run "
+            "folder", action="store_const", const="true")
+    setting("--model", "model.name", "timm model name (model.name)")
+    setting("--weights", "model.weights", "hub, lite1, none or a weights file (model.weights)")
+    setting("--seed", "train.seed", "train.seed", type=int)
+    setting("--accelerator", "train.accelerator", "cpu, gpu or auto (train.accelerator)")
+    setting("--devices", "train.devices", "device count or list, e.g. 2 or 0,1 (train.devices)")
+    setting("--num-nodes", "train.num_nodes", "machines taking part, each with --devices (train.num_nodes)", type=int)
+    setting("--strategy", "train.strategy", "Lightning strategy, e.g. ddp (train.strategy; auto picks ddp for several "
+            "devices)")
+    setting("--precision", "train.precision", "e.g. 32-true, bf16-mixed (train.precision)")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any setting, e.g. --set train.phases.1.epochs=3 --set data.batch_size=64")
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The settings the command line gives: the flags' (their ``dest`` is the key), then ``--set``'s."""
+    given = [f"{key}={value}" for key, value in vars(args).items() if "." in key and value is not None]
+    return given + args.set
+
+
+def run(args: argparse.Namespace) -> int:
+    from lesionkit.config import load_config
+    from lesionkit.train.loop import train
+
+    if args.resume:
+        config_path, changes = args.out / "config.yaml", []
+        if not config_path.is_file():
+            raise LesionkitError(f"--resume: {config_path} does not exist; nothing to resume in {args.out}")
+    else:
+        config_path, changes = args.config, overrides(args)
+    config = load_config(config_path, changes)
+    if config.data.data_dir is None:
+        raise LesionkitError("no data folder: pass --data-dir (or set data.data_dir in the config)")
+    try:
+        report = train(config, args.out, resume=args.resume)
+    except KeyboardInterrupt:
+        last = args.out / "checkpoints" / "last.ckpt"
+        where = f"{last} holds the last finished epoch" if last.is_file() else "no epoch had finished"
+        print(f"\ninterrupted: {where}. Continue with: lesionkit train --out {args.out} --resume", file=sys.stderr)
+        return 130
+    if report:
+        print(f"\nValidation (best checkpoint): {report.headline()}\nRun folder: {args.out}")
+    return 0
