@@ -266,7 +266,8 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
         return evaluation, {"skipped": str(err)}
     served = OnnxClassifier(onnx_file, threads=torch.get_num_threads())  # a like-for-like thread count
     # The same on one thread tells how well the cores shared one image: on a virtual machine whose cores the
-    # host sometimes runs as two threads of one physical core, two threads gained 1.1x to 1.2x, not 1.8x.
+    # host sometimes runs as two threads of one physical core, two threads gain far less over one than otherwise
+    # (docs/speed.md, "One image").
     alone = OnnxClassifier(onnx_file, threads=1)
     one = random_batch(1, (pre.height, pre.width), torch.device("cpu"))[0]
 
@@ -289,7 +290,7 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
 
 def cpu_description() -> str:
     """The processor, its core count and the widest vector instructions PyTorch uses on it: the ratios depend on
-    it (docs/speed.md has three 2-core machines whose onnxruntime figures differ)."""
+    it (docs/speed.md has machines whose onnxruntime figures differ)."""
     name = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -339,8 +340,8 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
         data = bench_data(frame, pre, tmp / "cache")
         cache = data.pop("cache")
         steps = 2 if quick else steps
-        # Serving before training: on the 2-core development machine, after minutes of load on both cores the
-        # host let two threads share one image at 1.2x the speed of one instead of 1.8x, for a minute or more.
+        # Serving before training: after minutes of load on every core, a virtual machine's host can leave two
+        # threads sharing one image badly for a minute or more (docs/speed.md, "One image").
         announce(1)
         evaluation, onnx = bench_inference(model, pre, meta, 4 if quick else batch_size, steps, device, tmp)
         train_size = (pre.height, pre.width)

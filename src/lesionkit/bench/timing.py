@@ -29,9 +29,9 @@ def rate(step, items: int, repeats: int, warmup: int = 1, device: torch.device =
 
 def latencies(calls: dict, repeats: int, rounds: int = 5) -> dict:
     """Median seconds of one call of each of ``calls`` (name: function), timed call by call over ``rounds``
-    rounds of ``repeats`` calls in alternating order. On a busy machine one side's latency swings by a fifth from
-    one pass to the next (PyTorch's for one B1 image on 2 cores: 69 to 105 ms), so neither side may have the
-    quiet or the busy moments to itself, and a stray slow call does not move the median."""
+    rounds of ``repeats`` calls in alternating order. On a busy machine one side's latency swings widely from one
+    pass to the next (docs/speed.md has an example), so neither side may have the quiet or the busy moments to
+    itself, and a stray slow call does not move the median."""
     times = {name: [] for name in calls}
     for round_ in range(rounds):
         for name in list(calls) if round_ % 2 == 0 else list(calls)[::-1]:

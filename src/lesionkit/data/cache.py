@@ -1,11 +1,11 @@
 """Decode every image once, at the size training reads it, into one memory-mapped uint8 file.
 
 Decoding and scaling a 600x450 JPEG costs many times what reading the same pixels back from the cache costs,
-and without a cache it is paid every epoch (docs/speed.md has the figures). Images are stored at the eval transform's *cover* size (``size / crop_pct``, e.g.
-272x363 for a 240x320 input with crop_pct 0.882), which is what both transforms scale to first: the
-transforms then find the image already at that size, so evaluation sees the very same pixels as without
-the cache and training augments (flips, rotation, zoom, colour) from the same start. A larger margin for
-zoom would buy nothing, since the uncached path zooms from the cover size too.
+and without a cache it is paid every epoch (docs/speed.md has the figures). Images are stored at the eval
+transform's *cover* size (``size / crop_pct``, e.g. 272x363 for a 240x320 input with crop_pct 0.882), which is
+what both transforms scale to first: the transforms then find the image already at that size, so evaluation
+sees the very same pixels as without the cache and training augments (flips, rotation, zoom, colour) from the
+same start. A larger margin for zoom would buy nothing, since the uncached path zooms from the cover size too.
 
 A cache is ``<key>.npy`` (N x H x W x 3, uint8) beside ``<key>.json`` (image ids in row order). The key
 hashes every image's path, size and modification time with the cover size and interpolation, so changed

@@ -2,8 +2,8 @@
 framing in Pillow and NumPy alone, for serving without torch (``predict --backend onnx``).
 
 Dermoscopy frames are 4:3 (600x450): images are scaled to cover the target and centre-cropped, never squashed,
-so any photo a user brings keeps its proportions. :func:`lesionkit.transforms.eval_transform` does the same with
-torchvision, whose resize of a Pillow image is Pillow's own: the two give the same numbers (tested).
+so any photo a user brings keeps its proportions. :func:`lesionkit.data.transforms.eval_transform` does the same
+with torchvision, whose resize of a Pillow image is Pillow's own: the two give the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -68,6 +68,6 @@ def eval_array(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     image = image.resize((width, height), PIL_RESAMPLING[pre.interpolation])
     top, left = int(round((height - pre.height) / 2.0)), int(round((width - pre.width) / 2.0))
     pixels = np.asarray(image.crop((left, top, left + pre.width, top + pre.height)), dtype=np.float32)
-    # The same float32 operations as lesionkit.transforms.ToNormalizedTensor, in the same order.
+    # The same float32 operations as lesionkit.data.transforms.ToNormalizedTensor, in the same order.
     scale, shift = (np.array(values, dtype=np.float32) for values in normalisation(pre.mean, pre.std))
     return np.ascontiguousarray((pixels * scale - shift).transpose(2, 0, 1))

@@ -1,5 +1,5 @@
 """Image presets for training and evaluation, with torchvision. Size, mean, std, interpolation and crop come
-from the weights' own config (:class:`lesionkit.preprocessing.Preprocessing`); nothing here knows 224 or the
+from the weights' own config (:class:`lesionkit.data.preprocessing.Preprocessing`); nothing here knows 224 or the
 ImageNet mean.
 
 Dermoscopy frames are 4:3 (600x450): images are scaled to cover the target and centre-cropped, never
@@ -34,8 +34,7 @@ class ToNormalizedTensor(torch.nn.Module):
     with ``mean`` and ``std``.
 
     torchvision's ``PILToTensor``, ``ToDtype`` and ``Normalize`` do the same in three passes over a strided
-    view: 0.22 ms for a 240x320 picture on one core here, against 0.07 ms for this one copy and two in-place
-    passes.
+    view; this is one copy and two in-place passes, several times faster (docs/speed.md has the figures).
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):

@@ -4,9 +4,8 @@ Pictures of one lesion are not independent evidence (HAM10000: 10,015 images of 
 one lesion), so a resample draws lesions with replacement and takes all their images; where lesion ids are
 unknown each image is its own unit. Every resample is a vector of per-image weights (how often its lesion
 was drawn), and every metric is computed for all resamples at once from weighted confusion matrices and
-weighted ranks: 1,000 resamples of 2,000 images take about a second, where calling scikit-learn 1,000
-times would take minutes. tests/test_metrics.py checks each resample against scikit-learn's
-``sample_weight`` results.
+weighted ranks, far faster than calling scikit-learn once per resample (docs/speed.md).
+tests/evaluate/test_metrics.py checks each resample against scikit-learn's ``sample_weight`` results.
 """
 
 from __future__ import annotations

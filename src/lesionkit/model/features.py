@@ -2,7 +2,7 @@
 
 With the backbone frozen and no augmentation, every epoch would push the same images through the same
 frozen layers: one pass stores each image's pooled features (1,280 floats for EfficientNet-B1/Lite1, 5 KB),
-and the epochs then train dropout + linear on them, thousands of images per second even on a CPU.
+and the epochs then train dropout + linear on them, which costs next to nothing beside a backbone pass.
 The head sees exactly what it would have seen: the features are timm's ``forward_head(pre_logits=True)``
 in eval mode (frozen BatchNorm), and ``head_logits`` applies the model's dropout and classifier to them.
 """

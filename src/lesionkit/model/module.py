@@ -18,7 +18,7 @@ class LesionClassifier(L.LightningModule):
     """Wraps a timm classifier; ``phase`` decides which of its layers train and how.
 
     Args:
-        model: the network (see ``lesionkit.model.create_model``).
+        model: the network (see ``lesionkit.model.network.create_model``).
         phases: the training phases, in order.
         class_weights: per-class loss weights, or None for plain cross-entropy.
         meta: what inference needs to rebuild the model (model name, classes, preprocessing); saved as
@@ -118,6 +118,7 @@ class LesionClassifier(L.LightningModule):
 
 
 def adamw(params, **options) -> torch.optim.AdamW:
-    """AdamW in its fused form: one kernel updates every parameter, on the CPU as on a GPU. The update of B1's
-    7.8M parameters takes 4 ms instead of 24 on 2 CPU cores; the arithmetic is AdamW's."""
+    """AdamW in its fused form: one kernel updates every parameter, on the CPU as on a GPU. On a CPU that
+    updates B1's 7.8M parameters several times faster than the default form (docs/speed.md has the figures);
+    the arithmetic is AdamW's."""
     return torch.optim.AdamW(params, fused=True, **options)

@@ -19,8 +19,8 @@ def export_form(model: torch.nn.Module, height: int, width: int) -> torch.nn.Mod
 
     - timm's ``Conv2dSame`` (the ``tf_`` EfficientNets' strided convolutions) computes its padding from the
       input's shape on every call; exported as it is, that becomes shape arithmetic and a ``Pad`` outside the
-      blocked layout. Here it pads by constants, which onnxruntime folds into the convolution (Lite1, one image
-      on 2 cores: 10.7 ms before, 8 after).
+      blocked layout. Here it pads by constants, which onnxruntime folds into the convolution (what that saves
+      on one Lite1 image is in docs/speed.md).
     - A squeeze-and-excitation gate multiplies the block's largest tensor (N, C, H, W) by one value per channel
       (N, C, 1, 1). onnxruntime has no blocked multiply that broadcasts, so around each of B1's 23 gates it moved
       that tensor out of its layout and back. Here the gate is widened to H x W by nearest upsampling with

@@ -2,7 +2,7 @@
 
 - Writing: :class:`AtomicCheckpointIO` serialises in memory, writes a temporary file, fsyncs it and renames it
   over the old checkpoint, so ``kill -9`` or a full disk leaves the previous checkpoint intact; it reads with
-  :func:`lesionkit.checkpoints.load_checkpoint` (``weights_only=True``), Lightning's resume included.
+  :func:`lesionkit.model.checkpoint.load_checkpoint` (``weights_only=True``), Lightning's resume included.
 - Resuming: :class:`EpochSeed` reseeds every generator at each epoch start from (seed, phase, epoch), so a run
   resumed from an epoch-end checkpoint draws the same batches, augmentations and dropout masks as one that
   never stopped.
