@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("download",): ("download", "fetch HAM10000 from Harvard Dataverse (resumable, checksummed)"),
     ("export",): ("export", "write a checkpoint as an ONNX file for onnxruntime, checked against PyTorch"),
     ("benchmark",): ("benchmark", "measure data loading, training, evaluation and inference speed on this machine"),
+    ("card",): ("card", "the model card of a trained run: intended use, data, results with intervals, caveats"),
     ("data", "check"): ("check", "images per class, lesions, and every problem by id (exit 1 when unusable)"),
 }
 # Commands of more than one word are grouped under their first word.

@@ -53,7 +53,7 @@ def load_image(path: Path) -> Image.Image:
     except LesionkitError:
         raise
     except Exception as err:  # Pillow documents OSError and ValueError, but nothing bounds what a format plugin
-        # raises on corrupt input; whatever the type, the file is at fault (tests/test_fuzz.py).
+        # raises on corrupt input; whatever the type, the file is at fault (tests/data/test_fuzz.py).
         raise LesionkitError(f"cannot read image {path}: {err or type(err).__name__}; replace or remove the "
                              f"file") from None
 

@@ -24,7 +24,7 @@ ISIC2018_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 
 @dataclass
 class LabelledFolder(Dataset):
-    """A :class:`lesionkit.data.Dataset` of an external folder, with the ids of images nobody labelled."""
+    """A :class:`lesionkit.data.metadata.Dataset` of an external folder, with the ids of images nobody labelled."""
 
     unlabelled: list[str] = field(default_factory=list)
     label_format: str = ""
