@@ -1,7 +1,9 @@
-"""Bad inputs, one table: every hostile case goes through the real command line and is answered by a message
-that names the file, row or setting and says what to do, with exit code 1 and no traceback; the inputs that
-are merely unusual (alpha, grayscale, 16-bit, CMYK, EXIF rotation, BOM, blank age, extra columns) work. After
-every case, every file that existed before is still there, byte for byte: nothing already written is lost.
+"""Bad inputs, one table: every hostile case is answered by a message that names the file, row or setting and
+says what to do, with exit code 1 and no traceback; the inputs that are merely unusual (alpha, grayscale, 16-bit,
+CMYK, EXIF rotation, BOM, blank age, extra columns) work. A sample of the cases (COMMAND_LINE) runs as the real
+command line, ``python -m lesionkit`` in its own process; the rest through ``main(argv)`` in-process, with the
+process's file descriptors captured. After every case, every file that existed before is still there, byte for
+byte: nothing already written is lost. Cases whose message says no fix yet are listed in NO_FIX_YET.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import errno
 import hashlib
 import io
 import json
+import re
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -141,152 +146,243 @@ def write_config(w: Path, text: str) -> str:
     return str(w / "bad.yaml")
 
 
-# id: (prepare the world and return argv, exit code, what stderr (or stdout, for exit 0) must say)
+# id: (prepare the world and return argv, exit code, regular expressions that stderr (or stdout, for exit 0) must
+# match). "{w}" stands for the case's folder: a message names the very file, then says what to do about it.
+IMAGE_FIX = "; replace or remove the file"
 CASES = {
     # images a user brings to predict
-    "zero-byte jpeg": (lambda w: put(w / "x.jpg", b"") or predict(w, "x.jpg"), 1, ["x.jpg", "cannot read image"]),
+    "zero-byte jpeg": (lambda w: put(w / "x.jpg", b"") or predict(w, "x.jpg"), 1,
+                       [r"cannot read image {w}/x\.jpg: .*" + IMAGE_FIX]),
     "truncated jpeg": (lambda w: put(w / "x.jpg", first_image(w).read_bytes()[:600]) or predict(w, "x.jpg"),
-                       1, ["x.jpg", "cannot read image"]),
+                       1, [r"cannot read image {w}/x\.jpg: .*" + IMAGE_FIX]),
     "corrupt jpeg": (lambda w: put(w / "x.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4) or predict(w, "x.jpg"),
-                     1, ["x.jpg", "cannot read image"]),
+                     1, [r"cannot read image {w}/x\.jpg: .*" + IMAGE_FIX]),
     "text named .jpg": (lambda w: put(w / "x.jpg", "<html>404 Not Found</html>") or predict(w, "x.jpg"),
-                        1, ["x.jpg", "cannot read image", "replace or remove"]),
+                        1, [r"cannot read image {w}/x\.jpg: .*" + IMAGE_FIX]),
     "decompression bomb 30000x30000": (lambda w: png_claiming(w / "x.png", 30000, 30000) and predict(w, "x.png"),
-                                       1, ["x.png", "900000000 pixels", "decompression bomb"]),
+                                       1, [r"image {w}/x\.png is too large to open safely \(a decompression bomb\?\)",
+                                           r"900000000 pixels", r"Shrink it below 64,000,000 pixels"]),
     "decompression bomb 9000x9000": (lambda w: png_claiming(w / "x.png", 9000, 9000) and predict(w, "x.png"),
-                                     1, ["x.png", "9000x9000", "decompression bomb"]),
+                                     1, [r"image {w}/x\.png claims 9000x9000 pixels, over the 64,000,000 pixel limit "
+                                         r"\(a decompression bomb\?\): shrink it below that"]),
     "needle 2x400": (lambda w: write_image(w / "x.png", 1, size=(2, 400)) and predict(w, "x.png"),
-                     1, ["x.png", "2x400", "crop it"]),
-    "png with alpha works": (lambda w: alpha(w / "x.png") and predict(w, "x.png"), 0, ["x.png", "probabilities"]),
+                     1, [r"image {w}/x\.png is 2x400 pixels, more than 10:1: crop it to the lesion"]),
+    "png with alpha works": (lambda w: alpha(w / "x.png") and predict(w, "x.png"), 0,
+                             [r'"image": "{w}/x\.png"', r'"probabilities"']),
     "grayscale jpeg works": (lambda w: write_image(w / "x.jpg", 1, size=(60, 40), mode="L") and predict(w, "x.jpg"),
-                             0, ["x.jpg"]),
-    "16-bit png works": (lambda w: sixteen_bit(w / "x.png") and predict(w, "x.png"), 0, ["x.png"]),
-    "cmyk jpeg works": (lambda w: cmyk(w / "x.jpg") and predict(w, "x.jpg"), 0, ["x.jpg"]),
-    "exif-rotated jpeg works": (lambda w: exif_rotated(w / "x.jpg") and predict(w, "x.jpg"), 0, ["x.jpg"]),
+                             0, [r'"image": "{w}/x\.jpg"']),
+    "16-bit png works": (lambda w: sixteen_bit(w / "x.png") and predict(w, "x.png"), 0, [r'"image": "{w}/x\.png"']),
+    "cmyk jpeg works": (lambda w: cmyk(w / "x.jpg") and predict(w, "x.jpg"), 0, [r'"image": "{w}/x\.jpg"']),
+    "exif-rotated jpeg works": (lambda w: exif_rotated(w / "x.jpg") and predict(w, "x.jpg"), 0,
+                                [r'"image": "{w}/x\.jpg"']),
     # images in the training data
     "corrupt image in the data": (lambda w: put(first_image(w), b"\xff\xd8garbage") or train(w), 1,
-                                  ["ISIC_0000000", "unreadable", "--allow-missing"]),
+                                  [r"ISIC_0000000: unreadable: .*'{w}/ham/HAM10000_images_part_2/ISIC_0000000\.jpg'",
+                                   r"Fix the data folder, or pass --allow-missing to skip them"]),
     "bomb in the data": (lambda w: png_claiming(first_image(w).with_suffix(".png"), 30000, 30000) and
-                         first_image(w).unlink() or train(w), 1, ["ISIC_0000000", "decompression bomb"]),
+                         first_image(w).unlink() or train(w), 1,
+                         [r"ISIC_0000000: unreadable: image {w}/ham/HAM10000_images_part_2/ISIC_0000000\.png is too "
+                          r"large to open safely \(a decompression bomb\?\)",
+                          r"Fix the data folder, or pass --allow-missing to skip them"]),
     # metadata
     "metadata missing column": (lambda w: metadata(w, lambda f: f.drop(columns="dx")) or train(w), 1,
-                                ["HAM10000_metadata.csv", "lacks column(s) dx"]),
+                                [r"{w}/ham/HAM10000_metadata\.csv lacks column\(s\) dx; it has lesion_id, image_id, ",
+                                 r"A comma-separated file with at least lesion_id, image_id, dx is needed"]),
     "metadata unknown label": (lambda w: metadata(w, lambda f: f.assign(dx=["melanoma"] + list(f["dx"][1:])))
-                               or train(w), 1, ["unknown label(s) melanoma on row(s) 2", "dx must be one of"]),
+                               or train(w), 1, [r"{w}/ham/HAM10000_metadata\.csv: unknown label\(s\) melanoma on "
+                                                r"row\(s\) 2; dx must be one of akiec, bcc, bkl, df, mel, nv, vasc"]),
     "metadata duplicated image_id": (lambda w: metadata(w, lambda f: pd.concat([f, f.head(1)])) or train(w), 1,
-                                     ["image_id listed more than once: ISIC_0000000"]),
+                                     [r"{w}/ham/HAM10000_metadata\.csv: image_id listed more than once: ISIC_0000000 ",
+                                      r"each image needs exactly one row"]),
     "metadata empty file": (lambda w: put(w / "ham" / "HAM10000_metadata.csv", "") or train(w), 1,
-                            ["HAM10000_metadata.csv is empty"]),
-    "metadata header only": (lambda w: metadata(w, lambda f: f.head(0)) or train(w), 1, ["header but no rows"]),
+                            [r"{w}/ham/HAM10000_metadata\.csv is empty: it must hold a header with lesion_id, "
+                             r"image_id, dx"]),
+    "metadata header only": (lambda w: metadata(w, lambda f: f.head(0)) or train(w), 1,
+                             [r"{w}/ham/HAM10000_metadata\.csv has a header but no rows: list one image per row"]),
     "metadata wrong delimiter": (lambda w: put(w / "ham" / "HAM10000_metadata.csv",
         pd.read_csv(w / "ham" / "HAM10000_metadata.csv").to_csv(sep=";", index=False)) or train(w), 1,
-        ["lacks column(s)", "comma-separated"]),
+        [r"{w}/ham/HAM10000_metadata\.csv lacks column\(s\) lesion_id, image_id, dx; it has lesion_id;image_id;",
+         r"A comma-separated file with at least lesion_id, image_id, dx is needed"]),
     "metadata blank lesion_id": (lambda w: metadata(w, lambda f: f.assign(lesion_id=[None] + list(f["lesion_id"][1:])))
-                                 or train(w), 1, ["column lesion_id is blank on row(s) 2"]),
+                                 or train(w), 1,
+                                 [r"{w}/ham/HAM10000_metadata\.csv: column lesion_id is blank on row\(s\) 2"]),
     "metadata with too few lesions": (lambda w: metadata(w, lambda f: f.head(4)) or train(w), 1,
-                                      ["only 2 lesion(s) to split", "split.val_fraction"]),
+                                      [r"only 2 lesion\(s\) to split: holding out 25% needs at least 4",
+                                       r"use more lesions \(data\.per_class_limit\) or a larger split\.val_fraction"]),
     "metadata with BOM works": (lambda w: put(w / "ham" / "HAM10000_metadata.csv",
-        (w / "ham" / "HAM10000_metadata.csv").read_text(), encoding="utf-8-sig") or check(w), 0, ["OK"]),
-    "metadata NaN age works": (lambda w: metadata(w, lambda f: f.assign(age=np.nan)) or check(w), 0, ["OK"]),
+        (w / "ham" / "HAM10000_metadata.csv").read_text(), encoding="utf-8-sig") or check(w), 0, [r"\bOK\b"]),
+    "metadata NaN age works": (lambda w: metadata(w, lambda f: f.assign(age=np.nan)) or check(w), 0, [r"\bOK\b"]),
     "metadata extra columns work": (lambda w: metadata(w, lambda f: f.assign(extra=1, notes="x")) or check(w), 0,
-                                    ["OK"]),
+                                    [r"\bOK\b"]),
     # split files
     "split from other data": (lambda w: train(w, "--split-file", split_file(
         w, lambda f: f.assign(image_id=f["image_id"].str.replace("ISIC", "OTHER")))), 1,
-        ["split.csv lists 56 image(s) the metadata does not", "another data folder"]),
+        [r"{w}/split\.csv lists 56 image\(s\) the metadata does not: OTHER_0000000, ",
+         r"was it made for another data folder\?"]),
     "split with a lesion in two parts": (lambda w: train(w, "--split-file", split_file(
         w, lambda f: f.assign(split=["val"] + ["train"] * (len(f) - 1)))), 1,
-        ["puts lesion(s) HAM_0000000 in more than one part"]),
+        [r"{w}/split\.csv puts lesion\(s\) HAM_0000000 in more than one part", r"all images of a lesion must share "
+                                                                             r"a part"]),
     "split lists an image twice": (lambda w: train(w, "--split-file",
-                                                   split_file(w, lambda f: pd.concat([f, f.tail(1)]))),
-                                   1, ["split.csv lists image(s) ISIC_0000055 more than once"]),
+                                                   split_file(w, lambda f: pd.concat([f, f.tail(1)]))), 1,
+                                   [r"{w}/split\.csv lists image\(s\) ISIC_0000055 more than once",
+                                    r"each image belongs to exactly one part"]),
     "split empty file": (lambda w: put(w / "split.csv", "") or train(w, "--split-file", str(w / "split.csv")),
-                         1, ["split file", "is empty"]),
+                         1, [r"split file {w}/split\.csv is empty: it needs a header image_id, lesion_id, dx, split"]),
     # checkpoints
-    "checkpoint missing": (lambda w: predict(w, "ham", "nowhere.ckpt"), 1, ["nowhere.ckpt does not exist"]),
+    "checkpoint missing": (lambda w: predict(w, "ham", "nowhere.ckpt"), 1,
+                           [r"checkpoint {w}/nowhere\.ckpt does not exist: check --checkpoint"]),
     "checkpoint garbage": (lambda w: put(w / "g.ckpt", b"garbage") or predict(w, "ham", "g.ckpt"), 1,
-                           ["cannot load checkpoint", "g.ckpt"]),
+                           [r"cannot load checkpoint {w}/g\.ckpt safely",
+                            r"Refused; use a checkpoint written by `lesionkit train`"]),
     "checkpoint with a pickled payload": (lambda w: malicious_checkpoint(w / "evil.ckpt", w / "PWNED") and
                                           predict(w, "ham", "evil.ckpt"), 1,
-                                          ["evil.ckpt", "could run arbitrary code", "Refused"]),
+                                          [r"cannot load checkpoint {w}/evil\.ckpt safely", r"could run arbitrary code",
+                                           r"Refused; use a checkpoint written by `lesionkit train`"]),
     "checkpoint of another architecture": (lambda w: fake_checkpoint(w / "o.ckpt", weights_of="test_resnet") and
-                                           predict(w, "ham", "o.ckpt"), 1, ["o.ckpt", "another architecture"]),
+                                           predict(w, "ham", "o.ckpt"), 1,
+                                           [r"{w}/o\.ckpt: its weights do not fit the test_efficientnet with 7 classes",
+                                            r"another architecture"]),
     "checkpoint with another class count": (lambda w: fake_checkpoint(w / "o.ckpt", num_classes=5) and
-                                            predict(w, "ham", "o.ckpt"), 1, ["o.ckpt", "class count"]),
+                                            predict(w, "ham", "o.ckpt"), 1,
+                                            [r"{w}/o\.ckpt: its weights do not fit the test_efficientnet with 7 "
+                                             r"classes", r"class count"]),
     "checkpoint from a newer lesionkit": (lambda w: fake_checkpoint(w / "o.ckpt", version="7.0.0") and
-                                          predict(w, "ham", "o.ckpt"), 1, ["lesionkit 7.0.0", "upgrade lesionkit"]),
+                                          predict(w, "ham", "o.ckpt"), 1,
+                                          [r"{w}/o\.ckpt was written by lesionkit 7\.0\.0, a newer major version",
+                                           r"upgrade lesionkit to read it"]),
     "checkpoint that is a bare state_dict": (lambda w: torch.save(timm.create_model("test_efficientnet").state_dict(),
                                                                   w / "o.ckpt") or predict(w, "ham", "o.ckpt"), 1,
-                                             ["not a lesionkit checkpoint"]),
+                                             [r"{w}/o\.ckpt is not a lesionkit checkpoint",
+                                              r"use one written by `lesionkit train`"]),
     "checkpoint that is an ONNX export": (lambda w: put(w / "m.onnx", b"onnx") or [
         "predict", "--checkpoint", str(w / "m.onnx"), "--backend", "torch", str(w / "ham")], 1,
-        ["m.onnx is an ONNX export", "--backend onnx", "the .ckpt"]),
+        [r"{w}/m\.onnx is an ONNX export, not a checkpoint: serve it with `lesionkit predict --backend onnx`, or pass "
+         r"the \.ckpt it was exported from"]),
     "TTA on a non-square ONNX export": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0 and [
         "predict", "--tta", "--checkpoint", str(w / "model.onnx"), str(w / "ham")], 1,
-        ["--tta turns images by 90 degrees", "lesionkit export --tta", "--backend torch"]),
+        [r"--tta turns images by 90 degrees, from 48x64 to 64x48, and this export serves 48x64 only: export it with "
+         r"`lesionkit export --tta`, or predict with PyTorch \(--backend torch and the \.ckpt\)"]),
     "export checked on a path that does not exist": (lambda w: [
         "export", "--checkpoint", str(w / "model.ckpt"), "--check", str(w / "nowhere")], 1,
-        ["nowhere does not exist", "give image files or folders"]),
+        [r"{w}/nowhere does not exist: give image files or folders"]),
     "export checked on an unreadable image": (lambda w: put(w / "bad.jpg", b"not a JPEG") or [
         "export", "--checkpoint", str(w / "model.ckpt"), "--check", str(w / "bad.jpg")], 1,
-        ["bad.jpg", "replace or remove the file"]),
+        [r"cannot read image {w}/bad\.jpg: .*" + IMAGE_FIX]),
     "weights file with a pickled payload": (lambda w: malicious_checkpoint(w / "evil.pth", w / "PWNED") and
                                             train(w, "--weights", str(w / "evil.pth")), 1,
-                                            ["cannot load weights file", "evil.pth", "never pickled code"]),
+                                            [r"cannot load weights file {w}/evil\.pth safely \(tensors only, never "
+                                             r"pickled code\)"]),
     "resume from a pickled payload": (lambda w: malicious_checkpoint(w / "run" / "checkpoints" / "last.ckpt",
                                                                      w / "PWNED")
                                       and ["train", "--out", str(w / "run"), "--resume"], 1,
-                                      ["last.ckpt", "could run arbitrary code"]),
+                                      [r"cannot load checkpoint {w}/run/checkpoints/last\.ckpt safely",
+                                       r"could run arbitrary code",
+                                       r"Refused; use a checkpoint written by `lesionkit train`"]),
     "resume from another architecture": (lambda w: fake_checkpoint(w / "run" / "checkpoints" / "last.ckpt",
                                                                    "test_resnet")
                                          and ["train", "--out", str(w / "run"), "--resume"], 1,
-                                         ["holds a test_resnet model", "configured for test_efficientnet"]),
+                                         [r"{w}/run/checkpoints/last\.ckpt holds a test_resnet model, but the run is "
+                                          r"configured for test_efficientnet: resume with the config the checkpoint "
+                                          r"was trained with"]),
     # configs
     "config unknown key": (lambda w: train(w, "--config", write_config(w, "train: {epochs: 3}")), 1,
-                           ["unknown setting train.epochs", "known in train"]),
+                           [r"{w}/bad\.yaml: unknown setting train\.epochs; known in train: seed, .*\bphases\b"]),
     "config wrong type": (lambda w: train(w, "--config", write_config(w, "data: {batch_size: many}")), 1,
-                          ["data.batch_size must be int", "'many'"]),
+                          [r"{w}/bad\.yaml: setting data\.batch_size must be int, got 'many'"]),
     "config negative epochs": (lambda w: train(w, "--set", "train.phases.0.epochs=-2"), 1,
-                               ["phase 'head': epochs must be at least 1, got -2"]),
-    "config not yaml": (lambda w: train(w, "--config", write_config(w, "train: [1, 2\n")), 1, ["not valid YAML"]),
-    "config missing": (lambda w: train(w, "--config", str(w / "nope.yaml")), 1, ["nope.yaml does not exist"]),
+                               [r"phase 'head': epochs must be at least 1, got -2"]),
+    "config not yaml": (lambda w: train(w, "--config", write_config(w, "train: [1, 2\n")), 1,
+                        [r"{w}/bad\.yaml is not valid YAML", r"line 1, column 8"]),
+    "config missing": (lambda w: train(w, "--config", str(w / "nope.yaml")), 1,
+                       [r"config file {w}/nope\.yaml does not exist"]),
     # run and data folders
-    "out holds another run": (lambda w: train(w, out="run"), 1, ["already holds a run", "--resume"]),
-    "out is a file": (lambda w: put(w / "file", "mine") or train(w, out="file"), 1, ["is a file, not a folder"]),
+    "out holds another run": (lambda w: train(w, out="run"), 1,
+                              [r"{w}/run already holds a run: pass --resume to continue it, or choose another --out"]),
+    "out is a file": (lambda w: put(w / "file", "mine") or train(w, out="file"), 1,
+                      [r"--out {w}/file is a file, not a folder: choose another --out"]),
     "data folder missing": (lambda w: train(w, "--data-dir", str(w / "nowhere")), 1,
-                            ["nowhere does not exist: check --data-dir"]),
+                            [r"data folder {w}/nowhere does not exist: check --data-dir"]),
     "data folder missing, weights unloadable too": (lambda w: put(w / "wrong.pth", b"no weights") or train(
-        w, "--data-dir", str(w / "nowhere"), "--weights", str(w / "wrong.pth")), 1, ["nowhere does not exist"]),
-    "data folder is a file": (lambda w: train(w, "--data-dir", str(w / "tiny.yaml")), 1, ["is a file, not a folder"]),
+        w, "--data-dir", str(w / "nowhere"), "--weights", str(w / "wrong.pth")), 1,
+        [r"data folder {w}/nowhere does not exist: check --data-dir"]),
+    "data folder is a file": (lambda w: train(w, "--data-dir", str(w / "tiny.yaml")), 1,
+                              [r"data folder {w}/tiny\.yaml is a file, not a folder: check --data-dir"]),
     "data folder without metadata": (lambda w: (w / "empty").mkdir() or train(w, "--data-dir", str(w / "empty")), 1,
-                                     ["no HAM10000_metadata.csv under", "lesionkit download"]),
+                                     [r"no HAM10000_metadata\.csv under {w}/empty: point --data-dir at the HAM10000 "
+                                      r"folder", r"`lesionkit download --to DIR`"]),
 }
+
+# Cases whose message names the file but says nothing the user can do about it; the pattern is what the message
+# is expected to say once it does. Marked strict xfail (raising NoFixGiven only), so every other check of the case
+# still has to pass, and the day the message gains its fix the case turns red until it moves into CASES.
+NO_FIX_YET = {
+    "metadata blank lesion_id": r"blank on row\(s\) 2[:;,] \w.*lesion",
+    "config missing": r"does not exist: check --config",
+    "checkpoint of another architecture": r"\b(use|pass|give) (a|the|another) (checkpoint|\.ckpt)",
+    "checkpoint with another class count": r"\b(use|pass|give) (a|the|another) (checkpoint|\.ckpt)",
+    "split from other data": r"--(data-dir|split-file)",
+}
+
+# A sample run as a user runs it, `python -m lesionkit ...` in a process of its own: exit status, stderr and
+# tracebacks as the shell sees them (the rest runs in-process through main(), ~5 s of imports saved each).
+COMMAND_LINE = ("data folder missing", "metadata missing column", "metadata unknown label", "config negative epochs",
+                "checkpoint garbage", "checkpoint with a pickled payload", "text named .jpg")
+
+
+class NoFixGiven(AssertionError):
+    """The message names the file or flag but not what to do."""
 
 
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_answered_clearly_and_loses_nothing(case, world, tmp_path, capsys):
+def command_line(argv: list[str], cwd: Path) -> tuple[int, str, str]:
+    result = subprocess.run([sys.executable, "-m", "lesionkit", *argv], capture_output=True, text=True, cwd=cwd,
+                            timeout=300)
+    return result.returncode, result.stdout, result.stderr
+
+
+def cases():
+    for case in CASES:
+        marks = [pytest.mark.xfail(strict=True, raises=NoFixGiven, reason=f"the message names no fix yet: "
+                                   f"{NO_FIX_YET[case]!r}")] if case in NO_FIX_YET else []
+        yield pytest.param(case, marks=marks, id=case + (" (command line)" if case in COMMAND_LINE else ""))
+
+
+@pytest.mark.parametrize("case", list(cases()))
+def test_bad_input_is_answered_clearly_and_loses_nothing(case, world, tmp_path, capfd):
     w = tmp_path / "w"
     shutil.copytree(world, w)
     prepare, code, messages = CASES[case]
     argv = prepare(w)
     before = snapshot(w)
-    capsys.readouterr()
-    assert main(argv) == code
-    out, err = capsys.readouterr()
+    capfd.readouterr()
+    if case in COMMAND_LINE:
+        got, out, err = command_line(argv, tmp_path)
+    else:
+        got = main(argv)
+        out, err = capfd.readouterr()
+    assert got == code, f"{case}: exit {got}, not {code}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
     said = err if code else out
-    for message in messages:
-        assert message in said, f"{case}: {message!r} not in\n{said}"
-    assert "Traceback" not in err
     if code:
-        assert err.startswith("error:") or "\nerror:" in err
+        assert err.startswith("error:") or "\nerror:" in err, err[-3000:]
     after = snapshot(w)
     lost = {name for name, digest in before.items() if after.get(name) != digest}
     assert not lost, f"{case}: changed or lost {lost}"
     assert not (w / "PWNED").exists(), "a pickled payload ran"
+    for message in messages:
+        pattern = message.replace("{w}", re.escape(str(w)))
+        assert re.search(pattern, said), f"{case}: {pattern!r} not in\n{said}"
+    if case in NO_FIX_YET and not re.search(NO_FIX_YET[case], said):
+        raise NoFixGiven(f"{case}: names no fix: {said.strip()[:500]}")
+
+
+def test_the_sample_and_the_exceptions_are_cases_of_the_table():
+    assert set(COMMAND_LINE) <= set(CASES) and set(NO_FIX_YET) <= set(CASES)
+    assert all(CASES[case][1] == 1 for case in (*COMMAND_LINE, *NO_FIX_YET))
 
 
 def test_weights_that_cannot_load_leave_the_run_folder_free_for_the_next_try(world, tmp_path, capsys):

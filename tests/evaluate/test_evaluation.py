@@ -1,15 +1,18 @@
 """The evaluation end to end on a smoke run: external labels, temperature, TTA, pictures, HTML, compare."""
 
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from helpers import REPO, make_ham_folder, write_image
+from helpers import REPO, assert_no_lesion_leak, make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
 from lesionkit.data.labels import ISIC2018_COLUMNS
@@ -47,7 +50,8 @@ def external_set(smoke_run, tmp_path_factory):
 
 
 def test_training_fits_the_temperature_and_draws_the_curves(smoke_run):
-    _, run = smoke_run
+    data, run = smoke_run
+    assert_no_lesion_leak(run / "split.csv", data / "HAM10000_metadata.csv")
     entry = json.loads((run / "checkpoints" / "temperature.json").read_text())["best.ckpt"]
     assert entry["temperature"] > 0 and entry["nll_after"] <= entry["nll_before"] + 1e-9
     report = json.loads((run / "report.json").read_text())
@@ -112,17 +116,55 @@ def test_tta_and_fitting_the_temperature_on_validation_only(smoke_run, tmp_path,
     assert list(table["TTA"]) == ["no", "yes"] and "[" in table["balanced accuracy"][0]
 
 
+# Appended to a copy of report.html: once the page and its pictures have loaded, it writes into the page what
+# Chromium made of it, for --dump-dom to hand back.
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const probe = document.createElement("pre");
+  probe.id = "lesionkit-probe";
+  probe.textContent = JSON.stringify({
+    title: document.title, heading: (document.querySelector("h1") || {}).textContent || null,
+    images: images.length, decoded: images.filter(i => i.complete && i.naturalWidth > 0).length,
+    widths: images.map(i => i.naturalWidth)});
+  document.body.appendChild(probe);
+});
+</script>
+"""
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"Chromium exited with {result.returncode}: {result.stderr[-2000:]}"
+    return result
+
+
 def test_report_html_renders_in_headless_chromium(smoke_run, tmp_path):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no Chromium at {CHROMIUM}: `make test` installs it with apt-get when run as root")
     _, run = smoke_run
+    page = (run / "report.html").read_text()
+    expected = page.count("<img ")
+    assert expected == len(PICTURES) + 1, "the four pictures and the training curves, embedded"
+    probe = tmp_path / "report.html"  # a copy: the run's own file stays as written
+    assert page.count("</body>") == 1
+    probe.write_text(page.replace("</body>", PROBE + "</body>"))
+
+    dom = chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()).stdout
+    found = re.search(r'<pre id="lesionkit-probe">(.*?)</pre>', dom, re.S)
+    assert found, f"the page never finished loading, or is not the report: {dom[:2000]}"
+    seen = json.loads(html.unescape(found.group(1)))
+    title = "val part of run"  # the run's report: its validation part (lesionkit.train.loop.report_parts)
+    assert seen["title"] == title and seen["heading"] == title, seen
+    assert seen["images"] == expected and seen["decoded"] == expected, f"pictures that did not decode: {seen}"
+    assert all(width >= 100 for width in seen["widths"]), seen
+
     shot = tmp_path / "shot.png"
-    result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
-         (run / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
-    assert shot.is_file(), result.stderr[-2000:]
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,2400", probe.as_uri())
+    assert shot.is_file()
     with Image.open(shot) as image:
         colours = image.convert("RGB").resize((300, 600)).getcolors(maxcolors=1 << 16)
     # A blank page has one colour; text, tables and the embedded plots give hundreds.

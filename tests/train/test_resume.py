@@ -140,13 +140,23 @@ def test_interrupted_between_phases_resumes_with_the_next_phase(setup, monkeypat
 
 
 def test_resume_before_the_first_checkpoint_starts_over(setup):
+    """kill -9 during the first epoch: the folder has its config (and split) but no checkpoint; --resume starts the
+    run over and ends where the uninterrupted reference does."""
     root, data, reference = setup
     run = root / "early"
-    run.mkdir()
-    for name in ("config.yaml", "split.csv"):  # what a run killed during its first epoch leaves
-        (run / name).write_bytes((reference / name).read_bytes())
+    config, last = run / "config.yaml", run / "checkpoints" / "last.ckpt"
+    process = start(root / "early.log", train_args(root, data, run))
+    wait_for(config.exists, process)  # written atomically, after the split and the image cache
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not last.exists(), "the first checkpoint landed before the kill: the test proves nothing"
+    assert not (run / "metrics.csv").exists() and (run / "split.csv").is_file()
+    assert (run / ".lock").exists()  # the dead run's lock file does not block the resume
+
     assert main(["train", "--out", str(run), "--resume"]) == 0
     assert scores(run) == scores(reference)
+    assert torch.load(last, weights_only=True)["epoch"] >= 0
 
 
 def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(setup, monkeypatch, capsys):
