@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 import subprocess
 import warnings
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import FULLRES, REPO, make_ham_folder, write_image
+from helpers import FULLRES, REPO, assert_no_lesion_leak, make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
 from lesionkit.train.loop import quiet_lightning
@@ -32,13 +33,13 @@ def synthetic_run(tmp_path_factory):
     return data, root / "run"
 
 
-def check_run_folder(run: Path) -> dict:
+def check_run_folder(run: Path, data: Path) -> dict:
     for name in ("config.yaml", "split.csv", "metrics.csv", "report.json", "report.md",
                  "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (run / name).is_file(), name
     split = pd.read_csv(run / "split.csv")
     assert list(split.columns) == ["image_id", "lesion_id", "dx", "split"]
-    assert (split.groupby("lesion_id")["split"].nunique() == 1).all(), "a lesion crosses parts"
+    assert_no_lesion_leak(split, data / "HAM10000_metadata.csv")
     epochs = pd.read_csv(run / "metrics.csv")
     assert list(epochs["phase"]) == ["head", "finetune"]
     assert {"train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy"} <= set(epochs.columns)
@@ -55,8 +56,8 @@ def check_run_folder(run: Path) -> dict:
 
 
 def test_synthetic_run_writes_the_contract(synthetic_run):
-    _, run = synthetic_run
-    check_run_folder(run)
+    data, run = synthetic_run
+    check_run_folder(run, data)
     assert (run / "test" / "report.json").is_file()
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     meta = checkpoint["hyper_parameters"]
@@ -77,19 +78,60 @@ def test_evaluate_on_a_split_part(synthetic_run, tmp_path, capsys):
 
 
 def test_evaluate_reads_the_image_cache_training_left(synthetic_run, tmp_path, monkeypatch):
-    """A part of a run's split is read from the run's image cache: no image is decoded, and the report is the one
-    training wrote for that part."""
+    """A part of a run's split is read from the run's image cache: no image is decoded (neither by the loader nor
+    by building a cache anew), every evaluated picture comes out of the cache training built, and the report is
+    the one training wrote for that part."""
+    import lesionkit.data.cache
     import lesionkit.data.datasets
+    import lesionkit.data.images
+    import lesionkit.evaluate.evaluation
 
-    def decoded(path):
-        raise AssertionError(f"{path} was decoded, not read from the cache")
-    monkeypatch.setattr(lesionkit.data.datasets, "load_image", decoded)
     data, run = synthetic_run
+    cached = sorted((Path(os.environ["XDG_CACHE_HOME"]) / "lesionkit").glob("*.npy"))
+    assert cached, "training left no image cache: the test proves nothing"
+    stamps = {path: path.stat().st_mtime_ns for path in cached}
+
+    def decoded(path, *args):
+        raise AssertionError(f"{path} was decoded, not read from the cache")
+    # Wherever a picture can be decoded: the loader's uncached path, and a cache built anew (decode_cover, which
+    # falls back on load_image for other formats).
+    for module in (lesionkit.data.datasets, lesionkit.data.cache, lesionkit.data.images):
+        monkeypatch.setattr(module, "load_image", decoded)
+    monkeypatch.setattr(lesionkit.data.cache, "decode_cover", decoded)
+
+    found, served = [], []
+    real_find, real_image = lesionkit.data.cache.find_cache, lesionkit.data.cache.ImageCache.image
+
+    def find_cache(*args, **kwargs):
+        found.append(real_find(*args, **kwargs))
+        return found[-1]
+
+    def image(self, image_id):
+        served.append((self.path, image_id))
+        return real_image(self, image_id)
+    monkeypatch.setattr(lesionkit.evaluate.evaluation, "find_cache", find_cache)
+    monkeypatch.setattr(lesionkit.data.cache.ImageCache, "image", image)
+
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--data-dir", str(data),
                  "--split-file", str(run / "split.csv"), "--split", "test", "--workers", "0", "--out", str(out)]) == 0
+    assert len(found) == 1 and found[0] is not None, "evaluate did not find training's cache"
+    assert found[0].path in stamps, f"{found[0].path} is not a cache training left ({cached})"
+    assert {path: path.stat().st_mtime_ns for path in cached} == stamps, "the cache was rewritten"
+    assert sorted((Path(os.environ["XDG_CACHE_HOME"]) / "lesionkit").glob("*.npy")) == cached, "a cache was built"
+    split = pd.read_csv(run / "split.csv")
+    tested = split.loc[split["split"] == "test", "image_id"]
+    assert sorted(served) == sorted((found[0].path, image_id) for image_id in tested), \
+        "every evaluated image, once each, from training's cache"
+    assert len(pd.read_csv(out / "predictions.csv")) == len(tested)
+
     report = json.loads((out / "report.json").read_text())
-    assert report["balanced_accuracy"] == json.loads((run / "test" / "report.json").read_text())["balanced_accuracy"]
+    trained = json.loads((run / "test" / "report.json").read_text())
+    # The very report, but for where it was asked from (evaluate names its split file and part) and its batch size.
+    assert {k: v for k, v in report.items() if k not in ("data", "settings")} == \
+        {k: v for k, v in trained.items() if k not in ("data", "settings")}
+    assert {k: report["data"].get(k) for k in trained["data"]} == trained["data"]
+    assert {**report["settings"], "batch_size": None} == {**trained["settings"], "batch_size": None}
 
 
 def test_evaluate_and_predict_count_every_image_on_their_progress_bar(synthetic_run, tmp_path, monkeypatch):
@@ -240,7 +282,7 @@ def test_real_smoke_run_refuses_then_trains_and_predicts_a_fullres_original(real
     # One 96x128 image through Lite1, not Lightning's 0: in its log table, or in rich's where rich is installed.
     summary = caplog.text + capfd.readouterr().out
     assert re.search(r"\b245 M +Total Flops|Total FLOPs: 245 M", summary)
-    report = check_run_folder(run)
+    report = check_run_folder(run, real_data)
     assert set(pd.read_csv(run / "skipped.csv")["image_id"]) == {"ISIC_0029861", "ISIC_0029938"}
     assert report["skipped_images"] == ["ISIC_0029861", "ISIC_0029938"]
     capfd.readouterr()
