@@ -263,6 +263,15 @@ CASES = {
         "predict", "--tta", "--checkpoint", str(w / "model.onnx"), str(w / "ham")], 1,
         [r"--tta turns images by 90 degrees, from 48x64 to 64x48, and this export serves 48x64 only: export it with "
          r"`lesionkit export --tta`, or predict with PyTorch \(--backend torch and the \.ckpt\)"]),
+    "coverage outside (0, 1)": (lambda w: predict(w, "ham") + ["--coverage", "1.5"], 1,
+                                [r"--coverage 1\.5: must be between 0 and 1 \(exclusive\), e\.g\. 0\.9"]),
+    "coverage without conformal scores": (lambda w: predict(w, "ham") + ["--coverage", "0.9"], 1,
+        [r"{w}/model\.ckpt has no conformal scores to build prediction sets from: refit with `lesionkit evaluate "
+         r"--checkpoint {w}/model\.ckpt --data-dir DATA --split-file RUN/split\.csv --split val --fit-temperature`"]),
+    "melanoma sensitivity fitted on test": (lambda w: [
+        "evaluate", "--checkpoint", str(w / "model.ckpt"), "--data-dir", str(w / "ham"), "--split", "test",
+        "--melanoma-sensitivity", "0.95"], 1,
+        [r"--melanoma-sensitivity fits on validation images only: add --split-file RUN/split\.csv --split val"]),
     "export checked on a path that does not exist": (lambda w: [
         "export", "--checkpoint", str(w / "model.ckpt"), "--check", str(w / "nowhere")], 1,
         [r"{w}/nowhere does not exist: give image files or folders"]),

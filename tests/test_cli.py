@@ -19,6 +19,7 @@ from lesionkit.cli import main
 from lesionkit.train.loop import quiet_lightning
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
+DECISIONS = ",out_of_distribution,ood_score,refer,refer_threshold,refer_sensitivity"  # predict's CSV columns
 
 
 def train(data: Path, out: Path, *extra: str) -> int:
@@ -177,21 +178,46 @@ def test_predict_any_image_and_report_the_unreadable(synthetic_run, tmp_path, ca
     assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "csv",
                  str(images / "big.jpg")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "image,prediction," + ",".join(CLASSES) and len(lines) == 2
+    assert lines[0] == "image,prediction," + ",".join(CLASSES) + DECISIONS and len(lines) == 2
+
+
+def test_training_fits_what_tells_predict_when_not_to_answer(synthetic_run, capsys):
+    """The validation pass at the end of training fits the whole record (temperature, conformal scores,
+    out-of-distribution detector, melanoma threshold); the reports say how each fares; predict answers with it."""
+    data, run = synthetic_run
+    entry = json.loads((run / "checkpoints" / "temperature.json").read_text())["best.ckpt"]
+    validation = (pd.read_csv(run / "split.csv")["split"] == "val").sum()
+    assert len(entry["conformal"]["scores"]) == validation and entry["ood"]["images"] == validation
+    assert entry["melanoma"]["sensitivity"] == 0.9 and entry["temperature"] > 0
+    for report in (run / "report.json", run / "test" / "report.json"):
+        sections = json.loads(report.read_text())
+        assert sections["conformal"]["target_coverage"] == 0.9 and sections["out_of_distribution"]["threshold"]
+        assert sections["referral"]["threshold"] == entry["melanoma"]["threshold"]
+    image = str(next(data.rglob("*.jpg")))
+    checkpoint = str(run / "checkpoints" / "best.ckpt")
+    assert main(["predict", "--checkpoint", checkpoint, "--format", "json", "--coverage", "0.9", image]) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["prediction"] in answer["prediction_set"] and isinstance(answer["out_of_distribution"], bool)
+    assert answer["refer"] == (answer["probabilities"]["mel"] >= entry["melanoma"]["threshold"])
+    assert answer["refer_threshold"] == entry["melanoma"]["threshold"] and answer["refer_sensitivity"] == 0.9
+    assert main(["predict", "--checkpoint", checkpoint, "--coverage", "0.9", image]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[-4:] == ["ood", "ood_score", f"refer(mel>={entry['melanoma']['threshold']:.3g}@sens0.9)",
+                           "set@0.9"]
 
 
 def test_predict_writes_answers_as_they_come_and_ctrl_c_keeps_them(synthetic_run, tmp_path, capsys, monkeypatch):
     import lesionkit.serve.predict
 
     data, run = synthetic_run
-    real, calls = lesionkit.serve.predict.probabilities, []
+    real, calls = lesionkit.serve.predict.assess_batch, []
 
     def interrupted_after_one_batch(*args):
         calls.append(1)
         if len(calls) > 1:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(lesionkit.serve.predict, "probabilities", interrupted_after_one_batch)
+    monkeypatch.setattr(lesionkit.serve.predict, "assess_batch", interrupted_after_one_batch)
     code = main(["predict", "--checkpoint", str(run / "checkpoints" / "best.ckpt"), "--format", "json",
                  "--batch-size", "4", str(data)])
     captured = capsys.readouterr()

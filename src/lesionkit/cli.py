@@ -23,9 +23,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                                 "and pictures"),
     ("compare",): ("compare", "headline metrics of several runs or reports side by side, with their intervals"),
     ("predict",): ("predict", "class probabilities for your own images"),
+    ("explain",): ("explain", "Grad-CAM heat maps: where the network looked for its answer"),
     ("download",): ("download", "fetch HAM10000 from Harvard Dataverse (resumable, checksummed)"),
     ("export",): ("export", "write a checkpoint as an ONNX file for onnxruntime, checked against PyTorch"),
     ("benchmark",): ("benchmark", "measure data loading, training, evaluation and inference speed on this machine"),
+    ("serve",): ("serve", "the web demo: upload an image, see probabilities, Grad-CAM, prediction set and warnings"),
     ("card",): ("card", "the model card of a trained run: intended use, data, results with intervals, caveats"),
     ("data", "check"): ("check", "images per class, lesions, and every problem by id (exit 1 when unusable)"),
 }

@@ -36,6 +36,11 @@ def test_card_of_a_real_run_has_every_section_and_the_runs_figures(smoke_run, ca
     test = json.loads((smoke_run / "test" / "report.json").read_text())
     assert f"{100 * test['balanced_accuracy']:.1f}%" in card and "measured once" in card
     assert "By sex" in card and "By age band" in card
+    # Training fitted the record, so the card gives how its safeguards fared, in the report's own figures.
+    sets = report["conformal"]
+    assert f"{100 * sets['coverage']:.1f}% of these images with {sets['mean_set_size']:.2f} classes" in card
+    assert f"{100 * report['out_of_distribution']['validation_flagged']:.1f}% of validation images flagged" in card
+    assert f"p(mel) >= {report['referral']['threshold']:.4f}" in card and "not fitted" not in card
 
 
 def test_card_refuses_a_folder_without_a_report(tmp_path, smoke_run, capsys):

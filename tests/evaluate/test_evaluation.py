@@ -89,7 +89,9 @@ def test_evaluate_an_external_isic_2018_folder(external_set, smoke_run, tmp_path
     markdown = (out / "report.md").read_text()
     assert "ISIC_8888888" in markdown and "ISIC_9999999" in markdown and "![Reliability diagram]" in markdown
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and 'src="confusion_matrix.png"' not in html
+    gallery = sum(len(kinds) for kinds in report["gallery"]["images"].values())  # Grad-CAM maps, embedded too
+    assert gallery >= 1 and html.count("data:image/png;base64,") == 5 + gallery
+    assert 'src="confusion_matrix.png"' not in html
 
 
 def test_tta_and_fitting_the_temperature_on_validation_only(smoke_run, tmp_path, capsys):
@@ -148,7 +150,9 @@ def test_report_html_renders_in_headless_chromium(smoke_run, tmp_path):
     _, run = smoke_run
     page = (run / "report.html").read_text()
     expected = page.count("<img ")
-    assert expected == len(PICTURES) + 1, "the four pictures and the training curves, embedded"
+    gallery = json.loads((run / "report.json").read_text())["gallery"]["images"]
+    maps = sum(len(kinds) for kinds in gallery.values())
+    assert maps >= 1 and expected == len(PICTURES) + 1 + maps, "the pictures, training curves and maps, embedded"
     probe = tmp_path / "report.html"  # a copy: the run's own file stays as written
     assert page.count("</body>") == 1
     probe.write_text(page.replace("</body>", PROBE + "</body>"))

@@ -34,8 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower)")
     parser.add_argument("--fit-temperature", action="store_true",
-                        help="fit the temperature on these images and save it beside the checkpoint; "
-                             "only with --split-file and --split val")
+                        help="fit the calibration record on these images and save it beside the checkpoint: "
+                             "the temperature, the conformal scores of the prediction sets, the out-of-distribution "
+                             "threshold and the melanoma referral threshold; only with --split-file and --split val")
+    parser.add_argument("--melanoma-sensitivity", type=float, metavar="S",
+                        help="refit the record (as --fit-temperature) with the referral threshold on p(mel) that "
+                             "refers a share S of validation melanomas (default: the record's own, else 0.90)")
+    parser.add_argument("--no-gallery", dest="gallery", action="store_false",
+                        help="leave out the Grad-CAM gallery (each class's most confident right and wrong image)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for the 95%% intervals (default: 1000; 0 skips them)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
@@ -84,14 +90,21 @@ def select_images(args: argparse.Namespace) -> tuple[Images, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.fit_temperature and not (args.split_file and args.split == "val"):
-        raise LesionkitError("--fit-temperature fits on validation images only: add --split-file RUN/split.csv "
+    sensitivity = args.melanoma_sensitivity
+    if sensitivity is not None and not 0 < sensitivity <= 1:
+        raise LesionkitError(f"--melanoma-sensitivity {sensitivity:g}: must be above 0 and at most 1, e.g. 0.9 to "
+                             f"refer 90% of melanomas")
+    fit = args.fit_temperature or sensitivity is not None
+    if fit and not (args.split_file and args.split == "val"):
+        flag = "--fit-temperature" if args.fit_temperature else "--melanoma-sensitivity"
+        raise LesionkitError(f"{flag} fits on validation images only: add --split-file RUN/split.csv "
                              "--split val (never fit it on test or external data)")
     bootstrap = BootstrapSettings(args.bootstrap, args.seed) if args.bootstrap else None
-    settings = EvalSettings(args.batch_size, args.workers, args.device, args.tta, bootstrap)
+    settings = EvalSettings(args.batch_size, args.workers, args.device, args.tta, bootstrap, args.gallery)
     images, part = select_images(args)
     out = args.out or args.checkpoint.resolve().parent.parent / f"evaluate-{part}{'-tta' if args.tta else ''}"
-    report = evaluate_frame(args.checkpoint, images, out, settings, fit_temperature_here=args.fit_temperature)
+    report = evaluate_frame(args.checkpoint, images, out, settings, fit_temperature_here=fit,
+                            melanoma_sensitivity=sensitivity)
     ci, ece = report.interval("balanced_accuracy"), report.ece
     print(f"balanced accuracy {report.balanced_accuracy:.4f}"
           + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
@@ -100,5 +113,24 @@ def run(args: argparse.Namespace) -> int:
           f"ECE {ece['before']:.4f} before temperature scaling"
           + (f", {ece['after']:.4f} after (T={report.calibration['temperature']:.3f})" if ece["after"] is not None
              else " (no temperature fitted)")
+          + "".join(f"\n{line}" for line in decision_lines(report))
           + f"\nReport: {out / 'report.md'} and {out / 'report.html'}")
     return 0
+
+
+def decision_lines(report) -> list[str]:
+    """The prediction sets', out-of-distribution flags' and referral's figures on these images, one line each."""
+    sets, ood, referral = report.conformal, report.out_of_distribution, report.referral
+    lines = []
+    if sets:
+        lines.append(f"prediction sets at {sets['target_coverage']:g}: coverage {sets['coverage']:.4f}, mean size "
+                     f"{sets['mean_set_size']:.2f} classes")
+    if ood:
+        lines.append(f"out of distribution: {ood['flagged_images']} image(s) flagged ({100 * ood['flagged']:.1f}%)")
+    if referral and referral["sensitivity_here"] is not None:
+        lines.append(f"melanoma referral at p(mel) >= {referral['threshold']:.4f}: sensitivity "
+                     f"{referral['sensitivity_here']:.4f}, specificity {referral['specificity_here']:.4f}")
+    if not sets:
+        lines.append("no conformal scores, out-of-distribution or referral threshold for this checkpoint: fit them "
+                     "with --split-file RUN/split.csv --split val --fit-temperature")
+    return lines

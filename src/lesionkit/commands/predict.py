@@ -1,4 +1,5 @@
-"""``lesionkit predict``: class probabilities for your own images.
+"""``lesionkit predict``: class probabilities for your own images, each with an out-of-distribution flag, a
+melanoma referral and, with ``--coverage``, a prediction set (:mod:`lesionkit.serve.answer`).
 
 With ``--backend onnx`` nothing of PyTorch is imported: onnxruntime, NumPy and Pillow frame and score the images.
 """
@@ -10,19 +11,26 @@ import sys
 from pathlib import Path
 
 from lesionkit import LesionkitError
+from lesionkit.evaluate.record import refit_command
+from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
+from lesionkit.serve.answer import check_coverage, missing_parts
 from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
 from lesionkit.serve.predict import Output, collect_images, predict_paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
+    add_checkpoint_argument(parser)
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower; with "
-                             "--backend onnx, the file of `lesionkit export --tta`)")
+                             "--backend onnx, the file of `lesionkit export --tta`); the prediction set, the "
+                             "out-of-distribution flag and the referral stay on the plain view they were fitted on")
+    parser.add_argument("--coverage", type=float, metavar="C",
+                        help="add each image's prediction set: the classes that hold the true one for a share C of "
+                             "images like the validation part (e.g. 0.9; split conformal, APS)")
     parser.add_argument("--backend", choices=("torch", "onnx"),
                         help="onnx: onnxruntime on the file `lesionkit export` wrote (the .onnx beside X.ckpt): "
                              "starts without loading PyTorch and runs about twice as fast per image on a CPU "
@@ -44,11 +52,20 @@ def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: boo
 
 
 def run(args: argparse.Namespace) -> int:
+    args.checkpoint = checkpoint_or_default(args.checkpoint)
     classifier = load_classifier(args.checkpoint, args.backend, args.device, args.tta)
+    if args.coverage is not None:
+        check_coverage(classifier, args.coverage, str(args.checkpoint))
+    missing = missing_parts(classifier)
+    if missing:
+        print(f"warning: {args.checkpoint} has {' and '.join(missing)}: out_of_distribution and refer are left "
+              f"blank. Fit them with {refit_command(args.checkpoint.with_suffix('.ckpt'))}"
+              + (" and export again" if isinstance(classifier, OnnxClassifier) else ""), file=sys.stderr)
     paths = collect_images(args.images)
-    output = Output(args.format, classifier.classes, sys.stdout, paths)
+    output = Output(args.format, classifier.classes, sys.stdout, paths, args.coverage, classifier.calibration.melanoma)
     try:
-        _, errors = predict_paths(classifier, paths, args.batch_size, args.tta, emit=output.write)
+        _, errors = predict_paths(classifier, paths, args.batch_size, args.tta, emit=output.write,
+                                  coverage=args.coverage)
     finally:
         output.close()
     for error in errors:

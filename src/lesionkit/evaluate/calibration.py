@@ -2,24 +2,18 @@
 
 Fine-tuned networks are over-confident (Guo et al. 2017); dividing the logits by a T > 1 fitted on the
 validation part (never the test part) fixes most of it without changing any prediction, since argmax is
-unchanged. T lives beside the checkpoint in ``temperature.json``, keyed by checkpoint file name and its
-SHA-256, so that a retrained or resumed ``best.ckpt`` does not inherit a stale T.
+unchanged. T lives beside the checkpoint in its calibration record (:mod:`lesionkit.evaluate.record`), keyed by
+checkpoint file name and SHA-256, so that a retrained or resumed ``best.ckpt`` does not inherit a stale T.
 """
 
 from __future__ import annotations
-
-import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
 from lesionkit import LesionkitError
-from lesionkit.files import atomic_write_text, file_hash
 
-FILE_NAME = "temperature.json"
 # T between e^-3 and e^3 (0.05..20): beyond that the model is broken, not miscalibrated.
 LOG_T_BOUNDS = (-3.0, 3.0)
 
@@ -37,36 +31,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     result = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=LOG_T_BOUNDS,
                              method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
-
-
-def save_temperature(checkpoint: Path, temperature: float, details: dict) -> Path:
-    """Record T for ``checkpoint`` in ``temperature.json`` beside it (other checkpoints' entries are kept)."""
-    path = checkpoint.parent / FILE_NAME
-    entries = json.loads(path.read_text()) if path.is_file() else {}
-    entries[checkpoint.name] = {"temperature": temperature, "sha256": file_hash(checkpoint, "sha256"), **details}
-    # Atomic: the file holds every checkpoint's T, and a write cut short would lose them all.
-    atomic_write_text(path, json.dumps(entries, indent=2), "temperatures")
-    return path
-
-
-def load_temperature(checkpoint: Path) -> tuple[float | None, str | None]:
-    """T fitted for exactly this checkpoint file, and where it came from; ``(None, None)`` when there is none."""
-    path = checkpoint.parent / FILE_NAME
-    if not path.is_file():
-        return None, None
-    try:
-        entry = json.loads(path.read_text()).get(checkpoint.name)
-    except (json.JSONDecodeError, AttributeError):
-        print(f"warning: {path} is not a temperature file; probabilities are left uncalibrated", file=sys.stderr)
-        return None, None
-    if entry is None:
-        return None, None
-    if entry.get("sha256") != file_hash(checkpoint, "sha256"):
-        print(f"warning: {path} was fitted for an earlier {checkpoint.name}; probabilities are left uncalibrated. "
-              f"Refit with `lesionkit evaluate --checkpoint {checkpoint} --split-file RUN/split.csv --split val "
-              f"--fit-temperature ...`", file=sys.stderr)
-        return None, None
-    return float(entry["temperature"]), f"{path} ({entry.get('fitted_on', 'unknown data')})"
 
 
 def reliability_bins(labels: np.ndarray, probabilities: np.ndarray, n_bins: int) -> dict:

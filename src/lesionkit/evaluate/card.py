@@ -51,8 +51,8 @@ def _metadata(provenance: dict, run: Path) -> pd.DataFrame | None:
     return None
 
 
-def model_card(run: Path) -> str:
-    """The model card of the run in ``run``, as markdown."""
+def model_card(run: Path, name: str | None = None) -> str:
+    """The model card of the run in ``run`` (called ``name``, by default the folder's), as markdown."""
     report_path = run / "report.json"
     if not report_path.is_file():
         raise LesionkitError(f"{run} holds no report.json: pass a run folder written by `lesionkit train` (a run "
@@ -65,7 +65,7 @@ def model_card(run: Path) -> str:
     metadata = _metadata(provenance, run)
     model = config.get("model", {})
     pre = report.settings.get("preprocessing", {})
-    lines = [f"# Model card: {run.name}", "",
+    lines = [f"# Model card: {name or run.name}", "",
              "A research tool, **not a medical device**: it has not been cleared or approved for clinical use and "
              "must not be used to diagnose, treat or triage anyone.", ""]
 
@@ -170,11 +170,35 @@ def _calibration_and_safeguards(report: Report) -> list[str]:
     lines = ["", "## Calibration, prediction sets and out-of-distribution behaviour", ""]
     cal, ece = report.calibration, report.ece
     if ece:
-        lines.append(f"- Temperature {cal.get('temperature') or 'none'}: top-label ECE {_pct(ece.get('before'))} "
+        temperature = f"{cal['temperature']:.3f}" if cal.get("temperature") else "none"
+        lines.append(f"- Temperature {temperature}: top-label ECE {_pct(ece.get('before'))} "
                      f"before, {_pct(ece.get('after'))} after (fitted on these validation images).")
-    # The report holds none of these yet: say so rather than leave the reader to guess.
-    lines += [f"- {label}: not measured." for label in ("Conformal prediction sets", "Out-of-distribution warnings",
-                                                        "Melanoma referral threshold")]
+    sets, ood, referral = report.conformal, report.out_of_distribution, report.referral
+    if sets:
+        per_class = ", ".join(f"{name} {_pct(c['coverage'])}" for name, c in sets["per_class"].items()
+                              if c["coverage"] is not None)
+        lines.append(f"- Conformal prediction sets ({sets['method']}, calibrated on {sets['calibration_scores']} "
+                     f"validation images): at {_pct(sets['target_coverage'])} coverage they hold the true class of "
+                     f"{_pct(sets['coverage'])} of these images with {sets['mean_set_size']:.2f} classes on average; "
+                     f"per class {per_class}. The promise is marginal: it holds on average, not for every class, "
+                     f"and only for images like the validation part.")
+    else:
+        lines.append("- Conformal prediction sets: not fitted for this checkpoint.")
+    if ood:
+        per_class = ", ".join(f"{name} {_pct(v)}" for name, v in ood["flagged_per_class"].items() if v is not None)
+        lines.append(f"- Out-of-distribution warnings ({ood['method']}): {_pct(ood['validation_flagged'])} of "
+                     f"validation images flagged when held out, {_pct(ood['flagged'])} of these in sample (per "
+                     f"class {per_class}). `docs/ood.md` in lesionkit gives how photos, noise and blank images "
+                     f"fare; clinical close-ups of skin were not tried.")
+    else:
+        lines.append("- Out-of-distribution warnings: not fitted for this checkpoint.")
+    if referral:
+        lines.append(f"- Melanoma referral: p(mel) >= {referral['threshold']:.4f}, fitted to refer "
+                     f"{_pct(referral['sensitivity'])} of validation melanomas; on these images sensitivity "
+                     f"{_pct(referral['sensitivity_here'])}, specificity {_pct(referral['specificity_here'])}, "
+                     f"{_pct(referral['referred'])} of images referred.")
+    else:
+        lines.append("- Melanoma referral threshold: not fitted for this checkpoint.")
     return lines + [""]
 
 
@@ -183,9 +207,9 @@ def _external(run: Path) -> str:
     return ", ".join(found) if found else "none"
 
 
-def write_card(run: Path, out: Path | None = None) -> Path:
+def write_card(run: Path, out: Path | None = None, name: str | None = None) -> Path:
     from lesionkit.files import atomic_write_text
 
     out = out or run / "MODEL_CARD.md"
-    atomic_write_text(out, model_card(run), "model card")
+    atomic_write_text(out, model_card(run, name), "model card")
     return out

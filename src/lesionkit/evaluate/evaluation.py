@@ -1,7 +1,9 @@
 """The report a reviewer can check, for any checkpoint on any labelled images.
 
 The report holds the headline with bootstrap intervals, per-class and melanoma operating-point metrics,
-calibration before and after temperature scaling, subgroups, pictures, the data used and every setting.
+calibration before and after temperature scaling, how the prediction sets, out-of-distribution flags and
+melanoma referral of the checkpoint's record fare (:mod:`lesionkit.evaluate.decisions`), subgroups, pictures,
+the data used and every setting.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -20,13 +23,15 @@ from lesionkit.data.cache import ImageCache, find_cache
 from lesionkit.data.datasets import ImageDataset, make_loader
 from lesionkit.data.split import PARTS
 from lesionkit.evaluate.bootstrap import BootstrapSettings, intervals
-from lesionkit.evaluate.calibration import fit_temperature, nll, reliability_bins, save_temperature
+from lesionkit.evaluate.gallery import write_gallery
+from lesionkit.evaluate.calibration import reliability_bins
+from lesionkit.evaluate.decisions import REFERRAL_SENSITIVITY, decision_sections, fit_and_save_calibration
 from lesionkit.evaluate.metrics import ECE_BINS, brier_score, expected_calibration_error
 from lesionkit.evaluate.plots import report_figures
 from lesionkit.evaluate.render import write_report
 from lesionkit.evaluate.report import Report, build_report, write_predictions
 from lesionkit.evaluate.subgroups import subgroup_metrics
-from lesionkit.serve.classifier import VIEW_NAMES, average_probabilities, view_logits
+from lesionkit.serve.classifier import VIEW_NAMES, Classifier, average_probabilities, view_outputs
 from lesionkit.serve.torch_classifier import TorchClassifier
 
 
@@ -62,17 +67,21 @@ class EvalSettings:
     tta: bool = False
     bootstrap: BootstrapSettings | None = BootstrapSettings()
     """None skips the intervals."""
+    gallery: bool = True
+    """Per class, the most confident right and wrong image with its Grad-CAM map (at most 14 maps)."""
 
 
 def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: EvalSettings = EvalSettings(),
-                   fit_temperature_here: bool = False) -> Report:
+                   fit_temperature_here: bool = False, melanoma_sensitivity: float | None = None) -> Report:
     """Score ``checkpoint`` on ``images``; write the report into ``out_dir`` and return it.
 
-    ``fit_temperature_here`` fits T on these images and saves it beside the checkpoint: pass it for a
-    validation part only, never for data that the report is meant to judge.
+    ``fit_temperature_here`` fits the whole calibration record (T, conformal scores, out-of-distribution detector,
+    melanoma threshold for ``melanoma_sensitivity``, by default the record's own or 0.90) on these images and
+    saves it beside the checkpoint: pass it for a validation part only, never for data that the report is meant
+    to judge.
     """
     checkpoint, frame, tta = Path(checkpoint), images.frame, settings.tta
-    classifier = TorchClassifier.load(checkpoint, settings.device)
+    classifier = load_classifier(checkpoint, settings.device, fit_temperature_here)
     unknown = sorted(set(frame["dx"]) - set(classifier.classes))
     if unknown:
         raise LesionkitError(f"labels {', '.join(unknown)} are not classes of {checkpoint} ({classifier.classes})")
@@ -80,15 +89,18 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
     if cache is None and images.trained_on is not None:
         cache_dir = classifier.meta.get("config", {}).get("data", {}).get("cache_dir")
         cache = find_cache(images.trained_on, classifier.preprocessing, cache_dir)
-    loader = make_loader(ImageDataset.from_frame(frame, classifier.eval_transform, cache), settings.batch_size,
+    loader = make_loader(ImageDataset.from_frame(frame, tensor_transform(classifier), cache), settings.batch_size,
                          train=False, workers=settings.workers)
-    logits = loader_logits(classifier, loader, tta)  # (images, views, classes)
+    logits, features = loader_outputs(classifier, loader, tta)  # (images, views, classes), plain (images, width)
     labels = np.array([classifier.classes.index(d) for d in frame["dx"]])
+    lesions_known = "lesion_id" in frame and frame["lesion_id"].notna().all()
+    groups = (frame["lesion_id"] if lesions_known else frame["image_id"]).to_numpy()
+    calibration = classifier.calibration
     if fit_temperature_here:
-        temperature, source = fit_and_save_temperature(checkpoint, logits, labels, images.title)
-    else:
-        temperature, source = (classifier.temperature, classifier.temperature_source) \
-            if classifier.temperature_source else (None, None)
+        sensitivity = melanoma_sensitivity or (calibration.melanoma or {}).get("sensitivity") or REFERRAL_SENSITIVITY
+        calibration = fit_and_save_calibration(checkpoint, logits[:, 0], features, labels, groups,
+                                               classifier.classes, images.title, sensitivity)
+    temperature, source = calibration.temperature, calibration.source
     raw = average_probabilities(logits)
     calibrated = average_probabilities(logits, temperature) if temperature else None
     probabilities = raw if calibrated is None else calibrated
@@ -96,8 +108,8 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
     report = build_report(labels, probabilities, classifier.classes)
     report.ece, report.brier, report.calibration = calibration_section(
         labels, {"before": raw, "after": calibrated}, temperature, source, fit_temperature_here)
-    lesions_known = "lesion_id" in frame and frame["lesion_id"].notna().all()
-    groups = (frame["lesion_id"] if lesions_known else frame["image_id"]).to_numpy()
+    report.conformal, report.out_of_distribution, report.referral = decision_sections(
+        labels, logits[:, 0], features, calibration, classifier.classes, fit_temperature_here)
     if settings.bootstrap:
         drawn = intervals(labels, probabilities, classifier.classes, groups, settings.bootstrap)
         report.intervals, report.bootstrap = drawn["intervals"], drawn["bootstrap"]
@@ -110,6 +122,9 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
         out_dir, labels, probabilities, classifier.classes,
         {f"{k} temperature scaling (ECE {100 * report.ece[k]:.1f}%)": b for k, b in bins.items()},
         run_dir / "metrics.csv")
+    # Grad-CAM needs the PyTorch network: an export's report has no gallery.
+    explainable = settings.gallery and isinstance(classifier, TorchClassifier)
+    report.gallery = write_gallery(classifier, frame, probabilities, out_dir) if explainable else {}
     report.context = {"checkpoint": str(checkpoint), "model": classifier.meta["model_name"],
                       "configuration": "TTA, 8 flips and rotations averaged" if tta else "plain (no TTA)",
                       "images": len(frame), "lesions": int(pd.unique(groups).size) if lesions_known else "unknown"}
@@ -126,28 +141,45 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
     return report
 
 
-def loader_logits(classifier: TorchClassifier, loader, tta: bool) -> np.ndarray:
-    """``(n, views, classes)`` logits for every image a loader yields, in order."""
-    logits = []
+def load_classifier(checkpoint: Path, device: str, fitting: bool) -> Classifier:
+    """PyTorch's classifier of a checkpoint, or onnxruntime's of an export (``X.onnx``: to measure a quantised
+    file), whose record is fitted on its checkpoint, never on itself."""
+    if checkpoint.suffix != ".onnx":
+        return TorchClassifier.load(checkpoint, device)
+    if fitting:
+        raise LesionkitError(f"{checkpoint} is an export: fit the record on the checkpoint it was exported from "
+                             f"({checkpoint.with_suffix('.ckpt')}), then export again")
+    from lesionkit.serve.onnx_classifier import OnnxClassifier
+    return OnnxClassifier(checkpoint)
+
+
+class _FromArray:
+    """A classifier's NumPy framing as a transform that gives tensors (picklable, for loader processes)."""
+
+    def __init__(self, classifier: Classifier):
+        self.transform = classifier.transform
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.from_numpy(self.transform(image))
+
+
+def tensor_transform(classifier: Classifier):
+    """The image-to-tensor transform of ``classifier``: torchvision's for PyTorch, the NumPy framing otherwise."""
+    return getattr(classifier, "eval_transform", None) or _FromArray(classifier)
+
+
+def loader_outputs(classifier: Classifier, loader, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, views, classes)`` logits and the plain view's ``(n, width)`` pooled features for every image a loader
+    yields, in order, from the same forward passes."""
+    logits, features = [], []
     with tqdm(total=len(loader.dataset), desc="Evaluating" + (", 8 views each" if tta else ""), unit="img",
               delay=1, leave=False) as bar:
         for batch, _ in loader:
-            logits.append(view_logits(classifier, batch.numpy(), tta))
+            batch_logits, batch_features = view_outputs(classifier, batch.numpy(), tta)
+            logits.append(batch_logits)
+            features.append(batch_features)
             bar.update(len(batch))
-    return np.concatenate(logits)
-
-
-def fit_and_save_temperature(checkpoint: Path, logits: np.ndarray, labels: np.ndarray, title: str
-                             ) -> tuple[float, str]:
-    """Fit T on the plain view of ``logits`` (T must not depend on --tta), save it beside ``checkpoint``;
-    return T and the file it went to."""
-    plain = logits[:, 0]
-    temperature = fit_temperature(plain, labels)
-    source = save_temperature(checkpoint, temperature, {
-        "fitted_on": title, "images": len(labels), "nll_before": nll(plain, labels),
-        "nll_after": nll(plain, labels, temperature)})
-    print(f"Temperature {temperature:.4f} fitted on {len(labels)} images; saved in {source}")
-    return temperature, str(source)
+    return np.concatenate(logits), np.concatenate(features)
 
 
 def calibration_section(labels: np.ndarray, probabilities: dict[str, np.ndarray | None], temperature: float | None,

@@ -67,12 +67,10 @@ def operating_points(labels: np.ndarray, probabilities: np.ndarray, classes: lis
     Each value is the best the class's probability reaches with some threshold while the other rate holds
     at least the fixed value; the threshold is reported too, so the operating point can be used.
     """
-    if positive not in classes:
+    pair = _one_vs_rest(labels, probabilities, classes, positive)
+    if pair is None:
         return None
-    target = torch.from_numpy(labels == classes.index(positive)).long()
-    if target.sum() in (0, len(target)):
-        return None
-    scores = torch.from_numpy(probabilities[:, classes.index(positive)]).float()
+    target, scores = pair[0], pair[1].float()
     points = {"class": positive, "sensitivity_at_specificity": {}, "specificity_at_sensitivity": {}}
     for spec in SPECIFICITIES:
         value, threshold = binary_sensitivity_at_specificity(scores, target, min_specificity=spec)
@@ -81,6 +79,34 @@ def operating_points(labels: np.ndarray, probabilities: np.ndarray, classes: lis
         value, threshold = binary_specificity_at_sensitivity(scores, target, min_sensitivity=sens)
         points["specificity_at_sensitivity"][f"{sens:.2f}"] = {"value": float(value), "threshold": float(threshold)}
     return points
+
+
+def _one_vs_rest(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], positive: str
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``positive``'s 0/1 targets and its probabilities (float64); None without the class, or without both
+    positives and negatives."""
+    if positive not in classes:
+        return None
+    target = torch.from_numpy(labels == classes.index(positive)).long()
+    if target.sum() in (0, len(target)):
+        return None
+    return target, torch.from_numpy(probabilities[:, classes.index(positive)]).double()
+
+
+def melanoma_referral(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], sensitivity: float,
+                      positive: str = "mel") -> dict | None:
+    """The highest threshold on p(``positive``) that refers at least ``sensitivity`` of its images (the
+    best specificity that sensitivity allows), with the sensitivity and specificity it reaches here; None without
+    both positives and negatives. In float64, so that ``p >= threshold`` decides as it did here."""
+    pair = _one_vs_rest(labels, probabilities, classes, positive)
+    if pair is None:
+        return None
+    target, scores = pair
+    specificity, threshold = binary_specificity_at_sensitivity(scores, target, min_sensitivity=sensitivity)
+    referred = scores >= threshold
+    return {"class": positive, "sensitivity": sensitivity, "threshold": float(threshold),
+            "validation_sensitivity": float(referred[target == 1].double().mean()),
+            "validation_specificity": float(specificity)}
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, n_bins: int = ECE_BINS) -> float:

@@ -105,6 +105,7 @@ def render_markdown(report: Report, title: str) -> str:
                         [[when, _pct(report.ece[when]) if report.ece[when] is not None else "n/a",
                           "n/a" if report.brier[when] is None else f"{report.brier[when]:.4f}"]
                          for when in ("before", "after")])
+    lines += _decisions(report)
     lines += ["", "## Per class", ""]
     lines += markdown_table(["class", "images", "sensitivity (recall)", "specificity", "precision", "F1", "AUC", "AP"],
                     [[name, c["support"], _pct(c["recall"]), _pct(c.get("specificity")), _pct(c["precision"]),
@@ -116,6 +117,7 @@ def render_markdown(report: Report, title: str) -> str:
     lines += markdown_table(["", *classes], [[f"**{n}**", *row] for n, row in zip(classes, matrix, strict=True)])
     for name, caption in report.figures.items():
         lines += ["", f"![{caption}]({name})"]
+    lines += _gallery(report.gallery)
     lines += _subgroups(report.subgroups)
     lines += _data(report.data)
     for ids, heading in ((report.skipped_images, "Skipped images (missing or unreadable)"),
@@ -125,6 +127,34 @@ def render_markdown(report: Report, title: str) -> str:
     if report.settings:
         lines += ["", "## Settings", "", "```json", json.dumps(report.settings, indent=2), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _decisions(report: Report) -> list[str]:
+    """When not to take the probabilities at their word: prediction sets, out-of-distribution flags, referral."""
+    sets, ood, referral = report.conformal, report.out_of_distribution, report.referral
+    if not (sets or ood or referral):
+        return []
+    lines = ["", "## When not to answer", ""]
+    if sets:
+        lines += [f"Prediction sets (APS, {sets['calibration_scores']} validation scores) for "
+                  f"{100 * sets['target_coverage']:.0f}% coverage hold the true class of {_pct(sets['coverage'])} of "
+                  f"these images, with {sets['mean_set_size']:.2f} classes on average"
+                  + (" (fitted on these images: coverage holds by construction)." if sets["fitted_here"] else "."),
+                  ""]
+        lines += markdown_table(["class", "images", "coverage", "mean set size"],
+                                [[name, c["images"], _pct(c["coverage"]),
+                                  "n/a" if c["mean_set_size"] is None else f"{c['mean_set_size']:.2f}"]
+                                 for name, c in sets["per_class"].items()])
+    if ood:
+        lines += ["", f"Out of distribution ({ood['method']}, either above its threshold): "
+                  f"{ood['flagged_images']} of these images flagged ({_pct(ood['flagged'])}; "
+                  f"{_pct(ood['validation_flagged'])} of validation images when held out)."]
+    if referral:
+        lines += ["", f"Melanoma referral at p(mel) >= {referral['threshold']:.4f} (chosen for sensitivity "
+                  f"{referral['sensitivity']:.2f} on validation): sensitivity {_pct(referral['sensitivity_here'])}, "
+                  f"specificity {_pct(referral['specificity_here'])}, {_pct(referral['referred'])} of images "
+                  f"referred."]
+    return lines
 
 
 def _subgroups(subgroups: dict) -> list[str]:
@@ -149,4 +179,26 @@ def _data(data: dict | None) -> list[str]:
             classes = list(next(iter(table.values())))
             lines += ["", f"{key.replace('_', ' ')}:", ""]
             lines += markdown_table(["class", *parts], [[c, *(table[p].get(c, 0) for p in parts)] for c in classes])
+    return lines
+
+
+def _gallery(gallery: dict) -> list[str]:
+    """Per predicted class, its most confident right and wrong call, each with its map and caption."""
+    if not gallery.get("images"):
+        return []
+    lines = ["", "## Where the network looked: the most confident right and wrong call of each class", "",
+             f"{gallery['method']} maps of the predicted class at layer `{gallery['layer']}`; red is where the "
+             f"network found most evidence for it.", ""]
+
+    def cell(entry: dict | None, name: str, kind: str) -> str:
+        if not entry:
+            return "none"
+        if "error" in entry:
+            return f"{entry['image_id']}: {entry['error']}"
+        caption = f"{entry['image_id']}: true {entry['true']}, predicted {name}, p {entry['probability']:.3f}"
+        return f"![{name} {kind}: {caption}]({entry['file']})<br>{caption}"
+
+    lines += markdown_table(["predicted", "right", "wrong"],
+                            [[name, cell(kinds.get("right"), name, "right"), cell(kinds.get("wrong"), name, "wrong")]
+                             for name, kinds in gallery["images"].items()])
     return lines

@@ -46,6 +46,12 @@ class Report:
     brier: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     """The temperature, where it came from, and the reliability bins."""
+    conformal: dict | None = None
+    """Coverage and mean size of the checkpoint's prediction sets at 90%, overall and per class."""
+    out_of_distribution: dict | None = None
+    """The detector's threshold and the share of these images it flags, overall and per class."""
+    referral: dict | None = None
+    """The melanoma threshold and the sensitivity, specificity and share referred it gives here."""
     intervals: dict | None = None
     """Bootstrap interval ``[low, high]`` of each headline metric; None when no bootstrap was drawn."""
     bootstrap: dict | None = None
@@ -58,6 +64,8 @@ class Report:
     settings: dict = field(default_factory=dict)
     skipped_images: list = field(default_factory=list)
     unlabelled_images: list = field(default_factory=list)
+    gallery: dict = field(default_factory=dict)
+    """Per predicted class, its most confident right and wrong image with its Grad-CAM picture."""
 
     def to_dict(self) -> dict:
         """``report.json``'s content; the bootstrap's two sections appear only where one was drawn."""

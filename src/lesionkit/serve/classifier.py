@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.evaluate.ood import ood_inputs
+from lesionkit.evaluate.record import Calibration
 
 VIEW_NAMES = ("identity", "rot90", "rot180", "rot270", "hflip", "hflip+rot90", "hflip+rot180", "hflip+rot270")
 
@@ -30,12 +32,17 @@ class Classifier(Protocol):
     """Divides the logits before the softmax (fitted on validation; 1 where none was fitted)."""
     meta: dict
     """What the checkpoint or export says of itself: model name, classes, preprocessing, ..."""
+    calibration: Calibration
+    """Everything fitted on validation (:mod:`lesionkit.evaluate.record`); its parts are None where unfitted."""
 
     def transform(self, image: Image.Image) -> np.ndarray:
         """An RGB image as the network's float32 ``(3, height, width)`` input."""
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """``(n, classes)`` float32 logits of an ``(n, 3, height, width)`` batch."""
+
+    def features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """The pooled pre-logit features (None where the export has none) and the logits, in one pass."""
 
 
 def views(batch: np.ndarray) -> list[np.ndarray]:
@@ -54,6 +61,15 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def view_logits(classifier: Classifier, batch: np.ndarray, tta: bool) -> np.ndarray:
     """``(n, views, classes)`` logits: one view without TTA, eight with it."""
     return np.stack([classifier.logits(view) for view in (views(batch) if tta else [batch])], axis=1)
+
+
+def view_outputs(classifier: Classifier, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(n, views, classes)`` logits as :func:`view_logits`, and what the out-of-distribution detector reads of
+    the plain view (its pooled features and colour moments, :func:`lesionkit.evaluate.ood.ood_inputs`; None where
+    an export has no features), from the same passes."""
+    features, plain = classifier.features_and_logits(batch)
+    turned = [classifier.logits(view) for view in views(batch)[1:]] if tta else []
+    return np.stack([plain, *turned], axis=1), None if features is None else ood_inputs(features, batch)
 
 
 def average_probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:

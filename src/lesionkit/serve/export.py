@@ -1,6 +1,10 @@
-"""A trained network as an ONNX file that onnxruntime serves, with its classes, preprocessing and temperature
-inside, for :class:`lesionkit.serve.onnx_classifier.OnnxClassifier` (``predict --backend onnx``), and the check
-that onnxruntime's logits are PyTorch's."""
+"""A trained network as an ONNX file that onnxruntime serves, with its classes, preprocessing and calibration
+record inside, for :class:`lesionkit.serve.onnx_classifier.OnnxClassifier` (``predict --backend onnx``), and the
+check that onnxruntime's logits are PyTorch's.
+
+The file has two outputs: ``logits``, and ``features``, the pooled pre-logit features that the record's
+out-of-distribution detector scores (:mod:`lesionkit.evaluate.ood`), so that both backends flag the same images.
+"""
 
 from __future__ import annotations
 
@@ -53,19 +57,35 @@ def _graph(model: torch.nn.Module, height: int, width: int):
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer warnings
-        torch.onnx.export(export_form(model, height, width), (torch.zeros(1, 3, height, width),), buffer,
-                          dynamo=False, opset_version=OPSET, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(WithFeatures(export_form(model, height, width)), (torch.zeros(1, 3, height, width),),
+                          buffer, dynamo=False, opset_version=OPSET, input_names=["image"],
+                          output_names=["logits", "features"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
     proto = onnx.load_from_string(buffer.getvalue())
     name_gate_batches(proto)
     return proto
 
 
+class WithFeatures(torch.nn.Module):
+    """``model``'s logits and its pooled pre-logit features, from one pass (timm's ``forward_head(pre_logits=True)``
+    and the classifier on it: ``model(x)``'s logits)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(features), features
+
+
 def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = False) -> Path:
     """Write the network of ``classifier`` (a :class:`lesionkit.serve.torch_classifier.TorchClassifier` of
-    ``checkpoint``) to ``out``, carrying its classes, preprocessing and temperature."""
+    ``checkpoint``) to ``out``, carrying its classes, preprocessing and calibration record (temperature too, on
+    its own, for readers from before the record)."""
     meta = checkpoint_meta(classifier.meta["model_name"], classifier.preprocessing, classifier.classes,
-                           temperature=float(classifier.temperature), checkpoint=str(checkpoint))
+                           temperature=float(classifier.temperature), checkpoint=str(checkpoint),
+                           calibration=classifier.calibration.to_entry())
     return export_model(classifier.model, classifier.preprocessing, meta, out, turned)
 
 

@@ -11,8 +11,9 @@ from PIL import Image
 
 from lesionkit import LesionkitError
 from lesionkit.data.preprocessing import Preprocessing, eval_array
+from lesionkit.evaluate.record import Calibration
 
-METADATA_KEY = "lesionkit"  # the export's metadata entry: classes, preprocessing, temperature
+METADATA_KEY = "lesionkit"  # the export's metadata entry: classes, preprocessing, the calibration record
 
 
 def onnx_path_for(checkpoint: Path) -> Path:
@@ -45,7 +46,12 @@ class OnnxClassifier:
         self.meta = json.loads(raw)
         self.classes = list(self.meta["classes"])
         self.preprocessing = Preprocessing(**self.meta["preprocessing"])
-        self.temperature = float(self.meta.get("temperature", 1.0))
+        # Exports before the calibration record carried the temperature alone.
+        self.calibration = Calibration.from_entry(self.meta.get("calibration") or (
+            {"temperature": self.meta["temperature"]} if self.meta.get("temperature") else None), str(path))
+        self.temperature = self.calibration.temperature or 1.0
+        # Exports before the out-of-distribution detector have no features output.
+        self.has_features = "features" in [output.name for output in self.session.get_outputs()]
 
     def transform(self, image: Image.Image) -> np.ndarray:
         return eval_array(image, self.preprocessing)
@@ -53,3 +59,10 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(batch, dtype=np.float32)})
         return logits
+
+    def features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        if not self.has_features:
+            return None, self.logits(batch)
+        logits, features = self.session.run(["logits", "features"],
+                                            {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+        return features, logits

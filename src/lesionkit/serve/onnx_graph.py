@@ -115,9 +115,9 @@ def either_orientation(upright, turned, height: int):
     nodes = [helper.make_node("Shape", ["image"], ["image_height"], start=2, end=3),
              helper.make_node("Equal", ["image_height", "upright_height"], ["height_matches"]),
              helper.make_node("Squeeze", ["height_matches"], ["is_upright"]),
-             helper.make_node("If", ["is_upright"], ["logits"], then_branch=branch(upright, "/upright"),
-                              else_branch=branch(turned, "/turned"))]
-    graph = helper.make_graph(nodes, "lesionkit", [upright.graph.input[0]], [upright.graph.output[0]],
+             helper.make_node("If", ["is_upright"], [output.name for output in upright.graph.output],
+                              then_branch=branch(upright, "/upright"), else_branch=branch(turned, "/turned"))]
+    graph = helper.make_graph(nodes, "lesionkit", [upright.graph.input[0]], list(upright.graph.output),
                               [numpy_helper.from_array(np.array([height], dtype=np.int64), "upright_height")])
     graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"  # either size, now
     graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"

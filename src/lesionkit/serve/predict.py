@@ -1,5 +1,6 @@
-"""Class probabilities for a user's own images, of any size or mode, from any classifier: images decoded in
-threads ahead of the network, answers written batch by batch as they are known.
+"""Class probabilities for a user's own images, of any size or mode, from any classifier, with when not to take
+them at their word (:mod:`lesionkit.serve.answer`): images decoded in threads ahead of the network, answers
+written batch by batch as they are known.
 
 An unreadable file gets a message of its own; every other image still gets its answer.
 """
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 from lesionkit import LesionkitError
 from lesionkit.data.images import IMAGE_SUFFIXES, load_image
-from lesionkit.serve.classifier import Classifier, probabilities
+from lesionkit.serve.answer import assess_batch
+from lesionkit.serve.classifier import Classifier
 
 # Threads that decode and frame images while the network works: Pillow and NumPy release the GIL.
 DECODERS = min(8, os.cpu_count() or 1)
@@ -46,9 +48,11 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 16,
-                  tta: bool = False, emit: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], list[str]]:
-    """One ``{"image", "prediction", "probabilities"}`` record per readable image, and one error per other.
+def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 16, tta: bool = False,
+                  emit: Callable[[list[dict]], None] | None = None,
+                  coverage: float | None = None) -> tuple[list[dict], list[str]]:
+    """One record per readable image, ``{"image"}`` and the fields of :func:`lesionkit.serve.answer.assess_batch`
+    (``prediction_set`` with ``coverage``), and one error per other.
 
     ``tta`` averages the probabilities of eight flipped and rotated views (:mod:`lesionkit.serve.classifier`);
     ``emit``, when given, receives each batch's records as soon as they are known.
@@ -62,11 +66,8 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
             return path, None, str(err)
 
     def flush():
-        scored = probabilities(classifier, np.stack([image for _, image in pending]), tta)
-        batch = []
-        for (path, _), row in zip(pending, scored.tolist(), strict=True):
-            scores = dict(zip(classifier.classes, row, strict=True))
-            batch.append({"image": str(path), "prediction": max(scores, key=scores.get), "probabilities": scores})
+        answers = assess_batch(classifier, np.stack([image for _, image in pending]), tta, coverage)
+        batch = [{"image": str(path), **answer} for (path, _), answer in zip(pending, answers, strict=True)]
         pending.clear()
         results.extend(batch)
         if emit:
@@ -98,20 +99,33 @@ def ahead(pool: ThreadPoolExecutor, function: Callable, items: list, lookahead: 
         yield running.popleft().result()
 
 
+def _cell(value, digits: int = 4) -> str:
+    """A decision in a table or CSV cell: true/false as in JSON, blank where the record has none."""
+    return "" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:.{digits}g}"
+
+
 class Output:
     """Records written as they come, so that a long run shows its answers at once and an interrupted one keeps
-    them; ``close()`` ends the output (the JSON list's bracket), also after Ctrl-C."""
+    them; ``close()`` ends the output (the JSON list's bracket), also after Ctrl-C.
 
-    def __init__(self, fmt: str, classes: list[str], stream, paths: list[Path]):
-        self.fmt, self.classes, self.stream, self.count = fmt, classes, stream, 0
+    After the class probabilities, table and CSV show the out-of-distribution flag and score, the referral (the
+    table's column names its threshold and sensitivity, the CSV has them as columns) and, with ``coverage``, the
+    prediction set (classes joined by ``;`` in CSV)."""
+
+    def __init__(self, fmt: str, classes: list[str], stream, paths: list[Path], coverage: float | None = None,
+                 melanoma: dict | None = None):
+        self.fmt, self.classes, self.stream, self.count, self.coverage = fmt, classes, stream, 0, coverage
         # The table's first column fits every path given, known before any answer.
         self.width = max([len("image")] + [len(str(path)) for path in paths])
+        self.refer = f"refer(mel>={melanoma['threshold']:.3g}@sens{melanoma['sensitivity']:g})" if melanoma else "refer"
+        decisions = ["out_of_distribution", "ood_score", "refer", "refer_threshold", "refer_sensitivity"]
         if fmt == "csv":
             self.csv = csv.writer(stream)
-            self.csv.writerow(["image", "prediction", *classes])
+            self.csv.writerow(["image", "prediction", *classes, *decisions] + (["prediction_set"] if coverage else []))
         elif fmt == "table":
             stream.write(f"{'image':<{self.width}}  {'prediction':<10}  " + "  ".join(f"{c:>6}" for c in classes)
-                         + "\n")
+                         + f"  {'ood':>5}  {'ood_score':>9}  {self.refer:>5}"
+                         + (f"  set@{coverage:g}" if coverage else "") + "\n")
         else:
             stream.write("[")
 
@@ -122,10 +136,16 @@ class Output:
                 self.stream.write(("," if self.count else "") + "\n" + item)
             elif self.fmt == "csv":
                 scores = (f"{r['probabilities'][c]:.6f}" for c in self.classes)
-                self.csv.writerow([r["image"], r["prediction"], *scores])
+                decisions = (_cell(r[k], 8) for k in ("out_of_distribution", "ood_score", "refer", "refer_threshold",
+                                                   "refer_sensitivity"))
+                self.csv.writerow([r["image"], r["prediction"], *scores, *decisions]
+                                  + ([";".join(r["prediction_set"])] if self.coverage else []))
             else:
                 self.stream.write(f"{r['image']:<{self.width}}  {r['prediction']:<10}  "
-                                  + "  ".join(f"{r['probabilities'][c]:6.3f}" for c in self.classes) + "\n")
+                                  + "  ".join(f"{r['probabilities'][c]:6.3f}" for c in self.classes)
+                                  + f"  {_cell(r['out_of_distribution']) or '-':>5}  {_cell(r['ood_score']) or '-':>9}"
+                                  + f"  {_cell(r['refer']) or '-':>{len(self.refer)}}"
+                                  + (f"  {','.join(r['prediction_set'])}" if self.coverage else "") + "\n")
             self.count += 1
         self.stream.flush()
 

@@ -13,20 +13,21 @@ from PIL import Image
 from lesionkit import LesionkitError
 from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.data.transforms import eval_transform
-from lesionkit.evaluate.calibration import load_temperature
+from lesionkit.evaluate.record import Calibration, load_calibration
 from lesionkit.model.checkpoint import check_compatible, load_checkpoint
 
 
 class TorchClassifier:
     """A trained network with what it needs to see images as it did in training."""
 
-    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, meta: dict, temperature: float = 1.0,
-                 temperature_source: str | None = None):
+    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, meta: dict,
+                 calibration: Calibration = Calibration()):
         self.model, self.preprocessing, self.meta = model.eval(), preprocessing, meta
         self.classes = list(meta["classes"])
         self.eval_transform = eval_transform(preprocessing)
-        # From temperature.json beside the checkpoint (lesionkit.evaluate.calibration); 1 = as trained.
-        self.temperature, self.temperature_source = temperature, temperature_source
+        # From temperature.json beside the checkpoint (lesionkit.evaluate.record); T = 1: as trained.
+        self.calibration = calibration
+        self.temperature, self.temperature_source = calibration.temperature or 1.0, calibration.source
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TorchClassifier:
@@ -46,9 +47,8 @@ class TorchClassifier:
             raise LesionkitError(f"{path}: its weights do not fit the {meta['model_name']} with {len(meta['classes'])} "
                                  f"classes its metadata names (another architecture or class count?): "
                                  f"{str(err)[:300]}") from None
-        temperature, source = load_temperature(path)
         return cls(model.to(device, memory_format=torch.channels_last), Preprocessing(**meta["preprocessing"]), meta,
-                   temperature or 1.0, source)
+                   load_calibration(path))
 
     @property
     def device(self) -> torch.device:
@@ -61,3 +61,10 @@ class TorchClassifier:
     def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         batch = torch.as_tensor(batch).to(self.device).contiguous(memory_format=torch.channels_last)
         return self.model(batch).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def features_and_logits(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """timm's pooled pre-logit features, and the classifier on them: ``model(batch)``'s logits, in one pass."""
+        batch = torch.as_tensor(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+        features = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
+        return features.float().cpu().numpy(), self.model.get_classifier()(features).float().cpu().numpy()

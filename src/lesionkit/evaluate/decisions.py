@@ -1,0 +1,81 @@
+"""The calibration record fitted from one validation pass, and how its decisions fare on any labelled set.
+
+:func:`fit_and_save_calibration` is the one place the record is fitted, from the plain view's logits and pooled
+features of the validation images: training calls it (through ``evaluate_frame(..., fit_temperature_here=True)``
+at the end of the run), and so does ``lesionkit evaluate --split val --fit-temperature``, which upgrades a run
+fitted before the record had its other parts. :func:`decision_sections` reports, on the images evaluated, the
+coverage and size of the prediction sets, the share flagged as out of distribution and the referral's
+sensitivity and specificity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from lesionkit.evaluate.calibration import fit_temperature, nll
+from lesionkit.evaluate.conformal import aps_scores, coverage_report
+from lesionkit.evaluate.metrics import melanoma_referral
+from lesionkit.evaluate.ood import fit_ood
+from lesionkit.evaluate.record import Calibration, save_calibration
+from lesionkit.serve.classifier import softmax
+
+REFERRAL_SENSITIVITY = 0.90  # of validation melanomas referred, unless `evaluate --melanoma-sensitivity` says
+REPORTED_COVERAGE = 0.90
+
+
+def fit_and_save_calibration(checkpoint: Path, logits: np.ndarray, features: np.ndarray, labels: np.ndarray,
+                             groups: np.ndarray, classes: list[str], title: str,
+                             sensitivity: float = REFERRAL_SENSITIVITY) -> Calibration:
+    """Fit every part of the record on the plain view (none may depend on --tta) and save it beside
+    ``checkpoint``: the temperature, then on the calibrated probabilities the APS scores and the melanoma
+    threshold for ``sensitivity``, and on ``features`` the out-of-distribution detector (folds of whole
+    ``groups``)."""
+    temperature = fit_temperature(logits, labels)
+    probabilities = softmax(logits, temperature)
+    calibration = Calibration(
+        temperature, aps_scores(probabilities, labels), fit_ood(features, labels, groups, len(classes)),
+        melanoma_referral(labels, probabilities, classes, sensitivity),
+        {"fitted_on": title, "images": len(labels), "nll_before": nll(logits, labels),
+         "nll_after": nll(logits, labels, temperature)})
+    path = save_calibration(checkpoint, calibration)
+    melanoma = calibration.melanoma
+    print(f"Temperature {temperature:.4f}, conformal scores, out-of-distribution thresholds "
+          f"({100 * calibration.ood.details['validation_flagged']:.1f}% of validation flagged when held out)"
+          + (f" and melanoma referral at p(mel) >= {melanoma['threshold']:.4f} (sensitivity "
+             f"{melanoma['validation_sensitivity']:.3f}, specificity {melanoma['validation_specificity']:.3f})"
+             if melanoma else "")
+          + f" fitted on {len(labels)} images; saved in {path}")
+    return replace(calibration, source=str(path))
+
+
+def decision_sections(labels: np.ndarray, logits: np.ndarray, features: np.ndarray, calibration: Calibration,
+                      classes: list[str], fitted_here: bool) -> tuple[dict | None, dict | None, dict | None]:
+    """On labelled images (the plain view's ``logits`` and ``features``): the prediction sets at
+    :data:`REPORTED_COVERAGE`, the out-of-distribution flags and the melanoma referral of ``calibration``, each
+    None where the record lacks it."""
+    probabilities = softmax(logits, calibration.temperature or 1.0)
+    conformal = ood = referral = None
+    scores = calibration.conformal_scores
+    # n scores give sets up to n / (n + 1) coverage: a tiny validation part may not reach the reported one.
+    if scores is not None and REPORTED_COVERAGE <= len(scores) / (len(scores) + 1):
+        conformal = {**coverage_report(probabilities, labels, scores, classes,
+                                       REPORTED_COVERAGE), "fitted_here": fitted_here}
+    if calibration.ood is not None:
+        flagged = calibration.ood.scores(features) > calibration.ood.threshold
+        ood = {"method": "Mahalanobis distances of the pooled features and the colour moments",
+               "threshold": calibration.ood.threshold,
+               "validation_flagged": calibration.ood.details.get("validation_flagged"),
+               "flagged": float(flagged.mean()), "flagged_images": int(flagged.sum()),
+               "flagged_per_class": {name: float(flagged[labels == i].mean()) if (labels == i).any() else None
+                                     for i, name in enumerate(classes)}}
+    melanoma = calibration.melanoma
+    if melanoma is not None:
+        positive = labels == classes.index(melanoma["class"])
+        referred = probabilities[:, classes.index(melanoma["class"])] >= melanoma["threshold"]
+        referral = {**melanoma, "referred": float(referred.mean()),
+                    "sensitivity_here": float(referred[positive].mean()) if positive.any() else None,
+                    "specificity_here": float((~referred[~positive]).mean()) if (~positive).any() else None}
+    return conformal, ood, referral

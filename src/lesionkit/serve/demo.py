@@ -1,0 +1,98 @@
+"""The web demo: a page where a user uploads a dermoscopic image and sees the calibrated probabilities, where the
+network looked (Grad-CAM), the prediction set, the melanoma referral flag and an out-of-distribution warning,
+under a plain statement that it is a research tool, not a medical device.
+
+Every upload is checked by lesionkit itself (size on disk, an image Pillow opens safely, dimensions): a bad one
+gets a message on the page, never a traceback, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from lesionkit import LesionkitError
+from lesionkit.data.images import load_image
+from lesionkit.serve.answer import assess, missing_parts
+from lesionkit.serve.explain import explain
+
+DISCLAIMER = ("**Research tool, not a medical device.** lesionkit has not been cleared or approved for clinical "
+              "use: do not use it to diagnose, treat or triage anyone. See a dermatologist about any lesion that "
+              "worries you.")
+MAX_UPLOAD_MB = 20
+
+
+COVERAGE = 0.9
+
+
+def describe(answer: dict, ood_threshold: float | None, source: str, missing: list[str] = ()) -> str:
+    """The answer (:func:`lesionkit.serve.answer.assess`) in words, for the page's status box."""
+    prediction = answer["prediction"]
+    lines = [f"### {prediction} ({100 * answer['probabilities'][prediction]:.1f}%)", ""]
+    if answer["out_of_distribution"]:
+        lines += [f"**Warning: this does not look like a dermoscopic image** (out-of-distribution score "
+                  f"{answer['ood_score']:.1f}, threshold {ood_threshold:.1f}): do not trust the answer.", ""]
+    if answer.get("prediction_set") is not None:
+        lines.append(f"- Prediction set at {100 * COVERAGE:.0f}% coverage: {', '.join(answer['prediction_set'])}")
+    if answer["refer"] is not None:
+        lines.append(f"- Melanoma referral: {'**refer**' if answer['refer'] else 'no'} (p(mel) "
+                     f"{answer['probabilities']['mel']:.3f}, threshold {answer['refer_threshold']:.3f}, set for "
+                     f"{100 * answer['refer_sensitivity']:.0f}% sensitivity on validation)")
+    if missing:
+        lines.append(f"- This model has {', '.join(missing)}: no warning can be given on that count")
+    lines.append(f"- Model: {source}")
+    return "\n".join(lines)
+
+
+def analyse(classifier, path: str | None, source: str) -> tuple[str, dict | None, np.ndarray | None]:
+    """Status text, probabilities and Grad-CAM overlay for the file at ``path``; a bad file gets a message only."""
+    if not path:
+        return "Upload a dermoscopic image (JPEG or PNG) first.", None, None
+    name = Path(path).name
+    try:
+        if Path(path).stat().st_size > MAX_UPLOAD_MB * 2**20:
+            raise LesionkitError(f"{name} is over {MAX_UPLOAD_MB} MB: upload a smaller JPEG or PNG")
+        image = load_image(Path(path))
+        coverage = COVERAGE if classifier.calibration.conformal_scores is not None else None
+        answer = assess(classifier, image, coverage)
+        overlay = explain(classifier, image, class_name=answer["prediction"]).overlay
+    except LesionkitError as err:
+        return f"**Could not use this upload.** {str(err).replace(str(path), name)}", None, None
+    except Exception as err:  # whatever a hostile upload provokes, the page says so and the server goes on
+        return f"**Could not analyse {name}** ({type(err).__name__}: {err}). Try another image.", None, None
+    ood = classifier.calibration.ood
+    status = describe(answer, ood.threshold if ood else None, source, missing_parts(classifier))
+    return status, answer["probabilities"], overlay
+
+
+def build_demo(classifier, source: str) -> gr.Blocks:
+    """The page, for ``classifier`` (a :class:`lesionkit.serve.torch_classifier.TorchClassifier`) whose
+    checkpoint is named by ``source``."""
+    with gr.Blocks(title="lesionkit: skin-lesion classifier (research tool)") as demo:
+        gr.Markdown("# lesionkit\nClassify a dermoscopic image of a pigmented skin lesion into HAM10000's seven "
+                    "diagnoses.\n\n" + DISCLAIMER)
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Dermoscopic image (JPEG or PNG)", file_types=["image"], type="filepath",
+                                 elem_id="upload")
+                button = gr.Button("Classify", variant="primary", elem_id="classify")
+            with gr.Column():
+                status = gr.Markdown(elem_id="status")
+                probabilities = gr.Label(num_top_classes=len(classifier.classes), label="Calibrated probabilities",
+                                         elem_id="probabilities")
+        overlay = gr.Image(label="Grad-CAM: where the network looked for its answer", type="numpy",
+                           interactive=False, height=400, elem_id="overlay")
+        button.click(lambda path: analyse(classifier, path, source), inputs=upload,
+                     outputs=[status, probabilities, overlay], api_name="classify")
+    return demo
+
+
+def serve(classifier, source: str, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
+    """Start the demo on ``host:port`` (loopback unless told otherwise); with ``block=False`` return at once."""
+    demo = build_demo(classifier, source)
+    demo.queue(default_concurrency_limit=1)  # one image at a time: the CPU is shared anyway
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", prevent_thread_lock=not block,
+                show_error=False, share=False, ssr_mode=False)
+    return demo
