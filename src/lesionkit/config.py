@@ -24,6 +24,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from lesionkit import LesionkitError
 
+SAMPLERS = ("shuffle", "balanced", "sqrt")
+CLASS_WEIGHTS = ("balanced", "sqrt", "none")
+LOSSES = ("cross_entropy", "focal")
+
 
 @dataclass
 class DataConfig:
@@ -47,8 +51,13 @@ class DataConfig:
     cache_dir: str | None = None
     """Where image caches live; ``null``: ``$XDG_CACHE_HOME/lesionkit`` (``~/.cache/lesionkit``), which works
     for read-only data folders too."""
+    sampler: str = "shuffle"
+    """How an epoch draws the training images: ``shuffle`` (each once), or with replacement and as many draws
+    as images, ``balanced`` (every class equally often) or ``sqrt`` (a class in proportion to the square root
+    of its count): oversampling of the rare classes."""
 
     def __post_init__(self):
+        _one_of("data.sampler", self.sampler, SAMPLERS)
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 16):
             raise LesionkitError(f"data.image_size must be [height, width] of at least 16 px each, "
                                  f"got {self.image_size}")
@@ -178,7 +187,13 @@ def default_phases() -> list[PhaseConfig]:
 class TrainConfig:
     seed: int = 42
     class_weights: str = "balanced"
-    """``balanced`` weighs the loss by n_samples / (n_classes * count) per class (scikit-learn's); ``none``."""
+    """``balanced`` weighs the loss by n_samples / (n_classes * count) per class (scikit-learn's); ``sqrt`` by
+    the square root of that, scaled alike (rare classes count more, less so); ``none``."""
+    loss: str = "cross_entropy"
+    """``cross_entropy``, or ``focal`` (Lin et al. 2017): each image's cross-entropy scaled by (1 - p)^gamma,
+    p its probability of the true class, so that images already learnt count less. Both take the class weights
+    and label smoothing."""
+    focal_gamma: float = 2.0
     label_smoothing: float = 0.0
     accelerator: str = "auto"
     """Lightning accelerator: ``auto``, ``cpu``, ``gpu``."""
@@ -193,8 +208,12 @@ class TrainConfig:
     phases: list[PhaseConfig] = field(default_factory=default_phases)
 
     def __post_init__(self):
-        if self.class_weights not in ("balanced", "none"):
-            raise LesionkitError(f"train.class_weights must be 'balanced' or 'none', got {self.class_weights!r}")
+        _one_of("train.class_weights", self.class_weights, CLASS_WEIGHTS)
+        _one_of("train.loss", self.loss, LOSSES)
+        if self.focal_gamma < 0:
+            raise LesionkitError(f"train.focal_gamma must be 0 or more (0 is cross-entropy), got {self.focal_gamma}")
+        if not 0 <= self.label_smoothing < 1:
+            raise LesionkitError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.phases:
             raise LesionkitError("train.phases is empty: list at least one phase")
         names = [p.name for p in self.phases]
@@ -218,6 +237,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LesionkitError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _positive(name: str, value: int) -> None:

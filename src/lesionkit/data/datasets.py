@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lesionkit import CLASSES
 from lesionkit.data.cache import ImageCache
@@ -47,12 +47,13 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int | None = None) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int | None = None,
+                sampler: Sampler | None = None) -> DataLoader:
     """A DataLoader whose workers stay alive between epochs (persistent) and, on a GPU, fill pinned memory so
-    that the host-to-device copy runs asynchronously."""
+    that the host-to-device copy runs asynchronously. Training shuffles, or draws through ``sampler``."""
     workers = default_workers() if workers is None else workers
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
+        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, num_workers=workers,
         # A last batch of a handful of images makes a noisy step: drop it in training only.
         drop_last=train and len(dataset) > batch_size,
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,

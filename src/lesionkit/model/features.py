@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from tqdm import tqdm
 
 from lesionkit.data.datasets import make_loader
@@ -51,11 +51,13 @@ def head_logits(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
 
 def feature_loaders(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader
                     ) -> tuple[DataLoader, DataLoader]:
-    """Loaders of stored features in place of the image loaders, with the same batch size and shuffling."""
+    """Loaders of stored features in place of the image loaders, with the same batch size and shuffling (or the
+    same sampler: its weights follow the dataset's order, which the stored features keep)."""
     # The training images once each, in order: a loader that neither shuffles nor drops the last batch.
     ordered = make_loader(train_loader.dataset, train_loader.batch_size, train=False,
                           workers=train_loader.num_workers)
     train = TensorDataset(*backbone_features(model, ordered))
     val = TensorDataset(*backbone_features(model, val_loader))
-    return (make_loader(train, train_loader.batch_size, train=True, workers=0),
+    sampler = train_loader.sampler if isinstance(train_loader.sampler, WeightedRandomSampler) else None
+    return (make_loader(train, train_loader.batch_size, train=True, workers=0, sampler=sampler),
             make_loader(val, val_loader.batch_size, train=False, workers=0))

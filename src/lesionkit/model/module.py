@@ -1,4 +1,4 @@
-"""The Lightning module: loss with class weights, validation metrics, and one optimizer per phase."""
+"""The Lightning module: the loss (with class weights), validation metrics, and one optimizer per phase."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lesionkit import LesionkitError, __version__
 from lesionkit.config import PhaseConfig
 from lesionkit.model.features import head_logits
+from lesionkit.model.losses import make_criterion
 from lesionkit.model.network import freeze_batchnorm_stats, set_trainable
 
 MONITOR = "val/balanced_accuracy"
@@ -20,13 +21,13 @@ class LesionClassifier(L.LightningModule):
     Args:
         model: the network (see ``lesionkit.model.network.create_model``).
         phases: the training phases, in order.
-        class_weights: per-class loss weights, or None for plain cross-entropy.
+        class_weights: per-class loss weights, or None.
         meta: what inference needs to rebuild the model (model name, classes, preprocessing); saved as
             hyper-parameters so that every checkpoint carries it.
     """
 
     def __init__(self, model: torch.nn.Module, phases: list[PhaseConfig], class_weights: list[float] | None,
-                 meta: dict, label_smoothing: float = 0.0):
+                 meta: dict, label_smoothing: float = 0.0, loss: str = "cross_entropy", focal_gamma: float = 2.0):
         super().__init__()
         self.save_hyperparameters({**meta, "lesionkit_version": __version__})
         # Channels-last runs EfficientNet's depthwise convolutions about twice as fast on CPU (and feeds GPU
@@ -34,8 +35,7 @@ class LesionClassifier(L.LightningModule):
         self.model = model.to(memory_format=torch.channels_last)
         self.phases = phases
         num_classes = len(meta["classes"])
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        self.criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.criterion = make_criterion(loss, class_weights, label_smoothing, focal_gamma)
         # Balanced accuracy is the mean per-class recall: torchmetrics' macro-averaged accuracy.
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_balanced_accuracy = MulticlassAccuracy(num_classes, average="macro")

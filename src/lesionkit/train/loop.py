@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import WeightedRandomSampler
 
 from lesionkit import CLASSES, LesionkitError
 from lesionkit.config import Config, PhaseConfig, TrainConfig, save_config
@@ -36,7 +37,7 @@ from lesionkit.model.features import feature_loaders
 from lesionkit.model.module import MONITOR, LesionClassifier
 from lesionkit.model.network import create_model
 from lesionkit.train.callbacks import EpochTable
-from lesionkit.train.prepare import check_data, class_weights, prepare_split, split_parts
+from lesionkit.train.prepare import check_data, class_weights, prepare_split, sample_weights, split_parts
 from lesionkit.train.resume import AtomicCheckpointIO, EpochSeed
 from lesionkit.train.runfolder import data_fingerprint, prepare_out_dir, run_lock, write_provenance
 
@@ -72,7 +73,7 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     record_run(config, out, split, resume)
     workers, batch = config.data.num_workers, config.data.batch_size
     train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache),
-                               batch, train=True, workers=workers)
+                               batch, train=True, workers=workers, sampler=train_sampler(config, parts["train"]))
     val_loader = make_loader(ImageDataset.from_frame(parts["val"], eval_transform(pre), cache), batch, train=False,
                              workers=workers)
 
@@ -100,6 +101,16 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
                         cache)
 
 
+def train_sampler(config: Config, train_part: pd.DataFrame) -> WeightedRandomSampler | None:
+    """``data.sampler``'s draws with replacement, as many per epoch as there are training images (None:
+    shuffle). Seeded here, and again at every epoch by :class:`lesionkit.train.resume.EpochSeed`."""
+    weights = sample_weights(np.array([CLASSES.index(d) for d in train_part["dx"]]), config.data.sampler)
+    if weights is None:
+        return None
+    return WeightedRandomSampler(weights.tolist(), len(weights), replacement=True,
+                                 generator=torch.Generator().manual_seed(config.train.seed))
+
+
 def record_run(config: Config, out: Path, split: pd.DataFrame, resume: bool) -> None:
     """``config.yaml`` (a new run's only: a resumed one keeps its own) and ``provenance.json``."""
     if not resume:
@@ -117,7 +128,8 @@ def build_module(config: Config, model: torch.nn.Module, train_part: pd.DataFram
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), config.data.image_size)
     weights = class_weights(np.array([CLASSES.index(d) for d in train_part["dx"]]), config.train.class_weights)
     meta = checkpoint_meta(config.model.name, pre, config=config.to_dict())
-    module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing)
+    module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing,
+                              config.train.loss, config.train.focal_gamma)
     if config.train.compile:
         module.model.compile()  # in place: the state_dict keeps its names, so checkpoints load as ever
     else:  # Lightning's summary table then shows each layer's output size and FLOPs per image, not zeros

@@ -52,12 +52,26 @@ def split_parts(split: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def class_weights(labels: np.ndarray, mode: str) -> list[float] | None:
-    """scikit-learn's balanced weights n / (k * count_c): every class contributes equally to the loss."""
+    """Per-class loss weights: scikit-learn's ``balanced`` n / (k * count_c), under which every class contributes
+    equally to the loss; ``sqrt``, proportional to 1 / sqrt(count_c) and scaled like it (the weights of all
+    images sum to n); None for ``none``."""
     if mode == "none":
         return None
     present = np.unique(labels)
     if len(present) < len(CLASSES):
         missing = sorted(set(CLASSES) - {CLASSES[i] for i in present})
-        raise LesionkitError(f"the train part has no images of {', '.join(missing)}; balanced class weights "
+        raise LesionkitError(f"the train part has no images of {', '.join(missing)}; {mode} class weights "
                              f"need every class (use more data or train.class_weights=none)")
-    return compute_class_weight("balanced", classes=np.arange(len(CLASSES)), y=labels).tolist()
+    if mode == "balanced":
+        return compute_class_weight("balanced", classes=np.arange(len(CLASSES)), y=labels).tolist()
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    return (len(labels) / (np.sqrt(counts) * np.sqrt(counts).sum())).tolist()
+
+
+def sample_weights(labels: np.ndarray, mode: str) -> np.ndarray | None:
+    """Each training image's chance to be drawn under ``data.sampler`` (unnormalised): 1 / count of its class
+    for ``balanced``, 1 / sqrt(count) for ``sqrt``; None for ``shuffle``."""
+    if mode == "shuffle":
+        return None
+    counts = np.bincount(labels, minlength=len(CLASSES)).astype(np.float64)
+    return 1.0 / (counts if mode == "balanced" else np.sqrt(counts))[labels]

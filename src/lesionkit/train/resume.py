@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from lesionkit.model.checkpoint import load_checkpoint
 from lesionkit.files import atomic_write
@@ -65,5 +65,5 @@ class EpochSeed(L.Callback):
         loader = trainer.train_dataloader
         if isinstance(loader, DataLoader):
             loader.generator = torch.Generator().manual_seed(seed)
-            if isinstance(loader.sampler, RandomSampler):
+            if isinstance(loader.sampler, (RandomSampler, WeightedRandomSampler)):  # data.sampler's draws too
                 loader.sampler.generator = torch.Generator().manual_seed(seed)
