@@ -59,6 +59,10 @@ def test_training_fits_the_temperature_and_draws_the_curves(smoke_run):
     for name in ("training_curves.png", "report.html", *PICTURES):
         assert (run / name).is_file(), name
     assert report["data"]["training_run_split"]["val"]["mel"] == report["per_class"]["mel"]["support"]
+    # The run's lesions are known, so the report gives the lesion level beside the image level.
+    lesions = pd.read_csv(run / "split.csv").query("split == 'val'")["lesion_id"].nunique()
+    assert report["lesion_level"]["lesions"] == lesions and 0 <= report["lesion_level"]["balanced_accuracy"] <= 1
+    assert "## Lesion level" in (run / "report.md").read_text()
 
 
 def test_evaluate_an_external_isic_2018_folder(external_set, smoke_run, tmp_path, capsys):

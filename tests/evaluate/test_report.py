@@ -45,3 +45,29 @@ def test_absent_class_has_no_auc():
     report = build_report(labels[keep], probabilities[keep], list(CLASSES))
     assert report.per_class["df"]["auc"] is None and report.per_class["df"]["support"] == 0
     assert report.macro_auc is not None
+
+
+def test_lesion_level_averages_each_lesions_images_before_it_answers():
+    from lesionkit.evaluate.report import lesion_level
+
+    def row(**p):
+        out = np.full(len(CLASSES), 0.0)
+        for name, value in p.items():
+            out[CLASSES.index(name)] = value
+        return out
+
+    # Lesion A (nv): one image right, one confidently wrong: averaged, mel wins. Lesion B (mel): right twice.
+    # Lesion C (bkl): one image, right.
+    probabilities = np.stack([row(nv=0.6, mel=0.4), row(nv=0.1, mel=0.9), row(mel=0.8, nv=0.2),
+                              row(mel=0.7, nv=0.3), row(bkl=0.9, nv=0.1)])
+    labels = np.array([CLASSES.index(c) for c in ("nv", "nv", "mel", "mel", "bkl")])
+    lesions = np.array(["A", "A", "B", "B", "C"])
+    measured = lesion_level(labels, probabilities, lesions, CLASSES)
+    assert measured["lesions"] == 3
+    assert measured["recall"]["nv"] == 0.0 and measured["recall"]["mel"] == 1.0 and measured["recall"]["bkl"] == 1.0
+    assert measured["accuracy"] == pytest.approx(2 / 3) and measured["melanoma_sensitivity"] == 1.0
+    image_level = build_report(labels, probabilities, CLASSES)
+    assert image_level.per_class["nv"]["recall"] == 0.5  # the image level sees one of A's two images right
+    image_level.lesion_level = measured
+    markdown = render_markdown(image_level, "t")
+    assert "## Lesion level" in markdown and "(3 lesions, 5 images)" in markdown

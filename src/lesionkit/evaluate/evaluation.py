@@ -29,7 +29,7 @@ from lesionkit.evaluate.decisions import REFERRAL_SENSITIVITY, decision_sections
 from lesionkit.evaluate.metrics import ECE_BINS, brier_score, expected_calibration_error
 from lesionkit.evaluate.plots import report_figures
 from lesionkit.evaluate.render import write_report
-from lesionkit.evaluate.report import Report, build_report, write_predictions
+from lesionkit.evaluate.report import Report, build_report, lesion_level, write_predictions
 from lesionkit.evaluate.subgroups import subgroup_metrics
 from lesionkit.serve.classifier import VIEW_NAMES, Classifier, average_probabilities, view_outputs
 from lesionkit.serve.torch_classifier import TorchClassifier
@@ -115,6 +115,8 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
         report.intervals, report.bootstrap = drawn["intervals"], drawn["bootstrap"]
         report.bootstrap["unit"] = "lesion" if lesions_known else "image"
     report.subgroups = subgroup_metrics(frame, labels, probabilities, classifier.classes)
+    if lesions_known:
+        report.lesion_level = lesion_level(labels, probabilities, groups, classifier.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = checkpoint.resolve().parent.parent
     bins = report.calibration["reliability"]

@@ -85,6 +85,16 @@ def render_markdown(report: Report, title: str) -> str:
                     [[name, _pct(getattr(report, key)), _interval(report.interval(key))]
                      for key, name in LONG_NAMES.items()]
                     + [["weighted F1", _pct(report.weighted_f1), ""], ["images", report.n_images, ""]])
+    lesions = report.lesion_level
+    if lesions:
+        lines += ["", "## Lesion level", "",
+                  f"One answer per lesion: the probabilities of its images averaged ({lesions['lesions']} lesions, "
+                  f"{report.n_images} images).", ""]
+        lines += markdown_table(["metric", "image level", "lesion level"],
+                                [[name, _pct(getattr(report, key)), _pct(lesions[key])]
+                                 for key, name in LONG_NAMES.items()]
+                                + [[f"{name} recall", _pct(report.per_class[name]["recall"]), _pct(recall)]
+                                   for name, recall in lesions["recall"].items()])
     points = report.melanoma_operating_points
     if points:
         lines += ["", "## Melanoma operating points (one melanoma-vs-rest threshold)", ""]

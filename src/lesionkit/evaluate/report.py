@@ -57,6 +57,9 @@ class Report:
     bootstrap: dict | None = None
     """How the intervals were drawn (resamples, seed, confidence, unit)."""
     subgroups: dict = field(default_factory=dict)
+    lesion_level: dict = field(default_factory=dict)
+    """The headline metrics with one answer per lesion (its images' probabilities averaged), and the lesion
+    count; empty where the images' lesions are unknown."""
     figures: dict = field(default_factory=dict)
     """Picture file name: caption, in reading order."""
     context: dict = field(default_factory=dict)
@@ -92,6 +95,18 @@ def build_report(labels: np.ndarray, probabilities: np.ndarray, classes: list[st
     """Headline, per-class and melanoma operating-point metrics (see :mod:`lesionkit.evaluate.metrics`)."""
     return Report(**classification_metrics(labels, probabilities, classes),
                   melanoma_operating_points=operating_points(labels, probabilities, classes))
+
+
+def lesion_level(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndarray, classes: list[str]) -> dict:
+    """:data:`HEADLINE` metrics and per-class recall over lesions: each lesion's images' probabilities
+    averaged, its label the one most of its images carry (in HAM10000 all of them)."""
+    frame = pd.DataFrame(probabilities, columns=range(len(classes))).assign(lesion=lesions, label=labels)
+    grouped = frame.groupby("lesion", sort=True)
+    averaged = grouped[list(range(len(classes)))].mean().to_numpy()
+    truth = grouped["label"].agg(lambda values: values.mode().iloc[0]).to_numpy()
+    measured = classification_metrics(truth, averaged, classes)
+    return {"lesions": len(truth), **{key: measured[key] for key in HEADLINE},
+            "recall": {name: c["recall"] for name, c in measured["per_class"].items()}}
 
 
 def load_report(path: Path) -> Report:
