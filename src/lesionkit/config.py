@@ -121,12 +121,20 @@ class AugmentConfig:
     """Random scale in ``[1 - zoom, 1 + zoom]``."""
     brightness: float = 0.1
     contrast: float = 0.1
+    mixup: float = 0.0
+    """MixUp (timm's ``Mixup``): alpha of the Beta distribution that mixes pairs of training images and their
+    labels; 0 is off."""
+    cutmix: float = 0.0
+    """CutMix: alpha likewise, pasting a box of one image into another; 0 is off. With both on, each batch
+    takes one of the two."""
+    mix_prob: float = 1.0
+    """Share of batches mixed when ``mixup`` or ``cutmix`` is on."""
 
     def __post_init__(self):
-        for name in ("hflip", "vflip"):
+        for name in ("hflip", "vflip", "mix_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise LesionkitError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
-        for name in ("rotation", "zoom", "brightness", "contrast"):
+        for name in ("rotation", "zoom", "brightness", "contrast", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise LesionkitError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
         if self.zoom >= 1:
@@ -197,6 +205,9 @@ class TrainConfig:
     and label smoothing."""
     focal_gamma: float = 2.0
     label_smoothing: float = 0.0
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights (timm's ``ModelEmaV3``, with warm-up), e.g.
+    0.999; the average is what validation scores and checkpoints keep. 0 is off."""
     accelerator: str = "auto"
     """Lightning accelerator: ``auto``, ``cpu``, ``gpu``."""
     devices: str = "auto"
@@ -214,6 +225,8 @@ class TrainConfig:
         _one_of("train.loss", self.loss, LOSSES)
         if self.focal_gamma < 0:
             raise LesionkitError(f"train.focal_gamma must be 0 or more (0 is cross-entropy), got {self.focal_gamma}")
+        if not 0 <= self.ema < 1:
+            raise LesionkitError(f"train.ema is a decay in [0, 1) (0: off; e.g. 0.999), got {self.ema}")
         if not 0 <= self.label_smoothing < 1:
             raise LesionkitError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.phases:

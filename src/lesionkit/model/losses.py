@@ -10,7 +10,8 @@ import torch.nn.functional as F
 class FocalLoss(torch.nn.Module):
     """Focal loss over a softmax (Lin et al. 2017): ``-sum_c q_c w_c (1 - p_c)^gamma log p_c`` per image, ``q``
     the (label-smoothed) target, ``w`` the class weights, averaged with the weights of the true classes as
-    :class:`torch.nn.CrossEntropyLoss` averages; ``gamma = 0`` is that cross-entropy exactly."""
+    :class:`torch.nn.CrossEntropyLoss` averages; ``gamma = 0`` is that cross-entropy exactly. ``target`` is
+    class indices, or ``(n, classes)`` probabilities (MixUp's), which torch's loss averages over images."""
 
     def __init__(self, gamma: float, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
         super().__init__()
@@ -20,11 +21,13 @@ class FocalLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=1)
         classes = logits.shape[1]
-        q = F.one_hot(target, classes).float() * (1 - self.label_smoothing) + self.label_smoothing / classes
+        soft = target.is_floating_point()
+        q = target.float() if soft else F.one_hot(target, classes).float()
+        q = q * (1 - self.label_smoothing) + self.label_smoothing / classes
         terms = -q * (1 - log_p.exp()).pow(self.gamma) * log_p
         if self.weight is None:
             return terms.sum() / len(target)
-        return (terms * self.weight).sum() / self.weight[target].sum()
+        return (terms * self.weight).sum() / (len(target) if soft else self.weight[target].sum())
 
 
 def make_criterion(loss: str, class_weights: list[float] | None, label_smoothing: float,

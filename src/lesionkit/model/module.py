@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from timm.data import Mixup
 from torchmetrics.classification import MulticlassAccuracy
 
 from lesionkit import LesionkitError, __version__
@@ -27,7 +28,8 @@ class LesionClassifier(L.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, phases: list[PhaseConfig], class_weights: list[float] | None,
-                 meta: dict, label_smoothing: float = 0.0, loss: str = "cross_entropy", focal_gamma: float = 2.0):
+                 meta: dict, label_smoothing: float = 0.0, loss: str = "cross_entropy", focal_gamma: float = 2.0,
+                 mixing: Mixup | None = None):
         super().__init__()
         self.save_hyperparameters({**meta, "lesionkit_version": __version__})
         # Channels-last runs EfficientNet's depthwise convolutions about twice as fast on CPU (and feeds GPU
@@ -36,6 +38,8 @@ class LesionClassifier(L.LightningModule):
         self.phases = phases
         num_classes = len(meta["classes"])
         self.criterion = make_criterion(loss, class_weights, label_smoothing, focal_gamma)
+        # MixUp/CutMix of training batches (labels become class probabilities, which both losses take).
+        self.mixing = mixing
         # Balanced accuracy is the mean per-class recall: torchmetrics' macro-averaged accuracy.
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_balanced_accuracy = MulticlassAccuracy(num_classes, average="macro")
@@ -64,6 +68,8 @@ class LesionClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
+        if self.mixing is not None:
+            images, labels = self.mixing(images, labels)
         loss = self.criterion(self(images), labels)
         # One bad batch (or a diverging rate) would otherwise train every later step on NaN weights. The check
         # costs no extra sync: the progress bar reads the loss every step anyway.

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from timm.data import Mixup
 from torch.utils.data import WeightedRandomSampler
 
 from lesionkit import CLASSES, LesionkitError
@@ -37,6 +38,7 @@ from lesionkit.model.features import feature_loaders
 from lesionkit.model.module import MONITOR, LesionClassifier
 from lesionkit.model.network import create_model
 from lesionkit.train.callbacks import EpochTable
+from lesionkit.train.ema import WeightAverage
 from lesionkit.train.prepare import check_data, class_weights, prepare_split, sample_weights, split_parts
 from lesionkit.train.resume import AtomicCheckpointIO, EpochSeed
 from lesionkit.train.runfolder import data_fingerprint, prepare_out_dir, run_lock, write_provenance
@@ -82,6 +84,7 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     table = EpochTable(out / "metrics.csv",
                        resume_from.get("callbacks", {}).get("EpochTable", {}).get("rows") if resume_from else [])
     best = None
+    average = [WeightAverage(config.train.ema)] if config.train.ema else []  # one average over every phase
     for index, phase in enumerate(config.train.phases[start:], start):
         trains = "everything" if phase.unfreeze == -1 else f"the top {phase.unfreeze} layer group(s) and the head"
         print(f"Phase {index + 1}/{len(config.train.phases)} '{phase.name}': {phase.epochs} epoch(s) at lr "
@@ -90,7 +93,7 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
         loaders = feature_loaders(module.model, train_loader, val_loader) if phase.cache_features else (
             train_loader, val_loader)
         best = best_checkpoint(out, best)
-        trainer = phase_trainer(config, out, phase, [best, table], log_every=min(10, len(train_loader)))
+        trainer = phase_trainer(config, out, phase, [*average, best, table], log_every=min(10, len(train_loader)))
         resumed_here = resume_from is not None and index == start
         fit(trainer, module, loaders, last if resumed_here else None)
 
@@ -99,6 +102,19 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     return report_parts(out, parts, skipped, EvalSettings(batch_size=batch, workers=workers,
                                                           device="cuda" if torch.cuda.is_available() else "cpu"),
                         cache)
+
+
+def mixing(config: Config) -> Mixup | None:
+    """timm's MixUp/CutMix for ``augment.mixup``/``augment.cutmix`` (None when both are 0 or augmentation is
+    off); its draws come from NumPy's generator, which :class:`lesionkit.train.resume.EpochSeed` reseeds."""
+    augment = config.augment
+    if not augment.enabled or not (augment.mixup or augment.cutmix):
+        return None
+    if config.data.batch_size % 2:
+        raise LesionkitError(f"augment.mixup/cutmix mix each batch with itself reversed and need an even "
+                             f"data.batch_size, got {config.data.batch_size}")
+    return Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mix_prob,
+                 label_smoothing=0.0, num_classes=len(CLASSES))
 
 
 def train_sampler(config: Config, train_part: pd.DataFrame) -> WeightedRandomSampler | None:
@@ -129,7 +145,7 @@ def build_module(config: Config, model: torch.nn.Module, train_part: pd.DataFram
     weights = class_weights(np.array([CLASSES.index(d) for d in train_part["dx"]]), config.train.class_weights)
     meta = checkpoint_meta(config.model.name, pre, config=config.to_dict())
     module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing,
-                              config.train.loss, config.train.focal_gamma)
+                              config.train.loss, config.train.focal_gamma, mixing(config))
     if config.train.compile:
         module.model.compile()  # in place: the state_dict keeps its names, so checkpoints load as ever
     else:  # Lightning's summary table then shows each layer's output size and FLOPs per image, not zeros
@@ -184,10 +200,10 @@ def phase_trainer(config: Config, out: Path, phase: PhaseConfig, callbacks: list
     """The Lightning trainer of one phase, logging under ``out/logs/*/<phase>`` (``<phase>-resumed``, ... after
     an interruption, so that every attempt's logs stay).
 
-    ``callbacks`` come first ('best' and the epoch table); 'last' follows them, so that it is written at every
-    epoch's end after the table's row and after 'best' has scored the epoch, and carries both. (ModelCheckpoint's
-    own save_last writes only when a top-k file was written: a run stopped after epochs without progress would
-    redo them all.)
+    ``callbacks`` come first (the weight average, 'best' and the epoch table); 'last' follows them, so that it is
+    written at every epoch's end after the table's row and after 'best' has scored the epoch, and carries both.
+    (ModelCheckpoint's own save_last writes only when a top-k file was written: a run stopped after epochs without
+    progress would redo them all.)
     """
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", enable_version_counter=False,
                            save_on_train_epoch_end=True)

@@ -1,0 +1,117 @@
+"""The training levers beyond the loss and the sampler change what they claim: MixUp/CutMix mixes images and
+labels (and the losses take the mixed labels), off by default."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_ham_folder
+
+from lesionkit import LesionkitError
+from lesionkit.cli import main
+from lesionkit.config import load_config
+from lesionkit.model.losses import make_criterion
+from lesionkit.train.loop import mixing
+
+
+def test_both_losses_take_mixed_labels_as_torch_takes_them():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 7, generator=generator)
+    soft = torch.softmax(torch.randn(16, 7, generator=generator), dim=1)
+    weights = [0.5, 1.0, 1.5, 2.0, 1.0, 0.3, 4.0]
+    reference = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights), label_smoothing=0.1)(logits, soft)
+    focal = make_criterion("focal", weights, 0.1, focal_gamma=0.0)(logits, soft)
+    assert focal.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert make_criterion("focal", weights, 0.1, focal_gamma=2.0)(logits, soft) < focal
+
+
+def test_mixup_mixes_pairs_of_images_and_their_labels():
+    assert mixing(load_config(None, [])) is None, "off by default"
+    assert mixing(load_config(None, ["augment.mixup=0.4", "augment.enabled=false"])) is None
+    mix = mixing(load_config(None, ["augment.mixup=0.4", "augment.cutmix=1.0"]))
+    np.random.seed(0)
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, targets = mix(images.clone(), labels)
+    assert targets.shape == (4, 7) and torch.allclose(targets.sum(dim=1), torch.ones(4))
+    # Image i is mixed with image 3 - i (the batch reversed), its label likewise.
+    assert (targets[0, 0] + targets[0, 3]).item() == pytest.approx(1.0) and 0 < targets[0, 0] < 1
+    assert not torch.equal(mixed, images)
+    with pytest.raises(LesionkitError, match="need an even data.batch_size"):
+        mixing(load_config(None, ["augment.mixup=0.4", "data.batch_size=7"]))
+
+
+def test_a_run_with_mixup_trains_on_mixed_labels(tmp_path, monkeypatch):
+    from lesionkit.model.module import LesionClassifier
+
+    data = make_ham_folder(tmp_path / "ham", lesions_per_class=3)
+    seen, training = [], []
+    step, loss = LesionClassifier.training_step, torch.nn.CrossEntropyLoss.forward
+
+    def in_training(self, batch, batch_idx):
+        training.append(True)
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            training.pop()
+
+    def watched(self, logits, target):
+        if training:  # not validation's loss, which sees the true labels
+            seen.append(target.dtype)
+        return loss(self, logits, target)
+
+    monkeypatch.setattr(LesionClassifier, "training_step", in_training)
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", watched)
+    assert main(["train", "--data-dir", str(data), "--out", str(tmp_path / "run"), "--model", "test_efficientnet",
+                 "--weights", "none", "--set", "data.image_size=[48,64]", "--set", "data.batch_size=8",
+                 "--set", "data.num_workers=0", "--set", "train.accelerator=cpu", "--set", "augment.mixup=0.4",
+                 "--set", "train.phases.0.epochs=1", "--set", "train.phases.1.epochs=1"]) == 0
+    assert seen and set(seen) == {torch.float32}, "every training batch's labels are mixed probabilities"
+
+
+EMA_RUN = """\
+data: {image_size: [48, 64], batch_size: 8, num_workers: 0}
+split: {val_fraction: 0.25}
+model: {name: test_efficientnet, weights: none}
+train:
+  accelerator: cpu
+  ema: 0.9
+  phases:
+    - {name: head, epochs: 1, lr: 1.0e-2, unfreeze: 0}
+    - {name: finetune, epochs: 3, lr: 1.0e-2, unfreeze: -1}
+"""
+
+
+def test_ema_weights_are_the_checkpointed_model_and_a_resumed_run_keeps_both(tmp_path, monkeypatch):
+    from lesionkit.train.resume import EpochSeed
+
+    data = make_ham_folder(tmp_path / "ham", lesions_per_class=4)
+    (tmp_path / "ema.yaml").write_text(EMA_RUN)
+
+    def train(out):
+        return main(["train", "--config", str(tmp_path / "ema.yaml"), "--data-dir", str(data), "--out", str(out)])
+
+    assert train(tmp_path / "a") == 0
+    last = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    averaged = {k.removeprefix("model."): v for k, v in last["state_dict"].items() if k.startswith("model.")}
+    raw = last["callbacks"]["WeightAverage"]["raw"]
+    assert averaged.keys() == raw.keys()
+    moved = [k for k, v in raw.items() if v.is_floating_point() and not torch.allclose(v, averaged[k])]
+    assert len(moved) > len(raw) // 4, "the average differs from the raw weights it follows"
+    assert last["callbacks"]["WeightAverage"]["steps"] > 0
+
+    start = EpochSeed.on_train_epoch_start
+
+    def stop_in_the_middle_of_finetuning(self, trainer, module):
+        if (module.phase_index, trainer.current_epoch) == (1, 2):
+            raise KeyboardInterrupt
+        start(self, trainer, module)
+
+    monkeypatch.setattr(EpochSeed, "on_train_epoch_start", stop_in_the_middle_of_finetuning)
+    assert train(tmp_path / "b") == 130
+    monkeypatch.setattr(EpochSeed, "on_train_epoch_start", start)
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert (tmp_path / "b" / "metrics.csv").read_text() == (tmp_path / "a" / "metrics.csv").read_text()
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.equal(v, resumed["state_dict"][k]) for k, v in last["state_dict"].items())
