@@ -155,6 +155,10 @@ class PhaseConfig:
     Groups are timm's coarse ones: for EfficientNet, one block stage each, the last one together with the
     head convolution; so 1 is the study's "top 30 layers" and 3 the top three stages."""
     weight_decay: float = 1e-4
+    lr_decay: float = 1.0
+    """Layer-wise learning-rate decay (timm's ``param_groups_layer_decay``): the classifier trains at ``lr``,
+    each block below it at this factor of the one above (so 0.7 gives the stem a small fraction of ``lr``), and
+    biases and norms without weight decay; 1 is one rate for every layer that trains."""
     schedule: str = "cosine"
     """Learning-rate schedule over the phase, stepped per batch: ``cosine``, ``onecycle`` or ``constant``."""
     warmup_epochs: float = 0.0
@@ -173,6 +177,8 @@ class PhaseConfig:
             raise LesionkitError(f"{where}: epochs must be at least 1, got {self.epochs}")
         if not 0 < self.lr < 1:
             raise LesionkitError(f"{where}: lr must be in (0, 1), got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise LesionkitError(f"{where}: lr_decay must be in (0, 1] (1: no decay), got {self.lr_decay}")
         if self.unfreeze < -1:
             raise LesionkitError(f"{where}: unfreeze counts layer groups (-1 for all), got {self.unfreeze}")
         if self.schedule not in SCHEDULES:

@@ -1,5 +1,7 @@
 """The training levers beyond the loss and the sampler change what they claim: MixUp/CutMix mixes images and
-labels (and the losses take the mixed labels), off by default."""
+labels (and the losses take the mixed labels), off by default; the EMA of the weights is what checkpoints keep,
+and a resumed run continues it exactly (with layer-wise rate decay on a one-cycle schedule); layer-wise decay
+gives each block its rate."""
 
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ train:
   ema: 0.9
   phases:
     - {name: head, epochs: 1, lr: 1.0e-2, unfreeze: 0}
-    - {name: finetune, epochs: 3, lr: 1.0e-2, unfreeze: -1}
+    - {name: finetune, epochs: 3, lr: 1.0e-2, unfreeze: -1, lr_decay: 0.8, schedule: onecycle}
 """
 
 
@@ -115,3 +117,29 @@ def test_ema_weights_are_the_checkpointed_model_and_a_resumed_run_keeps_both(tmp
     assert (tmp_path / "b" / "metrics.csv").read_text() == (tmp_path / "a" / "metrics.csv").read_text()
     resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.equal(v, resumed["state_dict"][k]) for k, v in last["state_dict"].items())
+
+
+def test_layer_wise_lr_decay_gives_each_block_a_smaller_rate_than_the_one_above():
+    import timm
+
+    from lesionkit.config import PhaseConfig
+    from lesionkit.model.module import LesionClassifier
+
+    def groups(lr_decay):
+        phases = [PhaseConfig("all", 1, 1e-3, unfreeze=-1, lr_decay=lr_decay)]
+        module = LesionClassifier(timm.create_model("test_efficientnet", num_classes=7), phases, None,
+                                  {"classes": ["x"] * 7})
+        module.set_phase(0)
+        return module, module.param_groups()
+
+    module, decayed = groups(0.5)
+    rates = {id(p): g["lr"] for g in decayed for p in g["params"]}
+    assert len(rates) == sum(1 for p in module.parameters() if p.requires_grad), "every trained parameter, once"
+    stem, head = module.model.conv_stem.weight, module.model.get_classifier().weight
+    assert rates[id(head)] == pytest.approx(1e-3) and rates[id(stem)] < rates[id(module.model.blocks[-1][0]
+                                                                                  .conv_pw.weight)] < 1e-3
+    assert min(rates.values()) < 0.1e-3
+    _, plain = groups(1.0)
+    assert len(plain) == 1 and "lr" not in plain[0]
+    with pytest.raises(LesionkitError, match="lr_decay must be in"):
+        PhaseConfig("x", 1, 1e-3, lr_decay=1.5)

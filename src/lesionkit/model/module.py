@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from timm.data import Mixup
+from timm.optim import param_groups_layer_decay
 from torchmetrics.classification import MulticlassAccuracy
 
 from lesionkit import LesionkitError, __version__
@@ -92,13 +93,13 @@ class LesionClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         phase = self.phase
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = adamw(params, lr=phase.lr, weight_decay=phase.weight_decay)
+        optimizer = adamw(self.param_groups(), lr=phase.lr, weight_decay=phase.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if phase.schedule == "constant":
             return optimizer
         if phase.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=phase.lr, total_steps=total,
+            peaks = [group["lr"] for group in optimizer.param_groups]  # one per layer under lr_decay
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total,
                                                             pct_start=0.3)
         else:
             warmup = min(total - 1, round(total * phase.warmup_epochs / phase.epochs))
@@ -108,6 +109,17 @@ class LesionClassifier(L.LightningModule):
                 cosine = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
             scheduler = cosine
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def param_groups(self) -> list[dict]:
+        """The parameters that train: one group at the phase's rate, or with ``lr_decay`` below 1 timm's layer
+        groups, each at its decayed rate (the schedules scale every group alike)."""
+        phase = self.phase
+        if phase.lr_decay == 1:
+            return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        groups = param_groups_layer_decay(self.model, weight_decay=phase.weight_decay, layer_decay=phase.lr_decay)
+        for group in groups:
+            group["lr"] = phase.lr * group.pop("lr_scale", 1.0)  # torch's schedulers read lr, not timm's scale
+        return groups
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # "stopped": early stopping ended the phase at this epoch, so a resumed run moves on to the next one
