@@ -27,6 +27,7 @@ from lesionkit import LesionkitError
 SAMPLERS = ("shuffle", "balanced", "sqrt")
 CLASS_WEIGHTS = ("balanced", "sqrt", "none")
 LOSSES = ("cross_entropy", "focal")
+POOLS = ("avg", "attention")
 
 
 @dataclass
@@ -98,8 +99,12 @@ class ModelConfig:
     path of a local weights file."""
     dropout: float = 0.2
     """Dropout before the linear classifier (the head is global average pooling, dropout, linear)."""
+    pool: str = "avg"
+    """How the head pools the last feature map: ``avg`` (global average), or ``attention`` (a learnt score per
+    position, softmax over positions, the weighted mean; it starts as the average)."""
 
     def __post_init__(self):
+        _one_of("model.pool", self.pool, POOLS)
         if not 0 <= self.dropout < 1:
             raise LesionkitError(f"model.dropout must be in [0, 1), got {self.dropout}")
         lite = {f"lite{n}": f"tf_efficientnet_lite{n}" for n in range(3)}  # lesionkit.model.weights.LITE

@@ -107,3 +107,36 @@ def test_the_other_offline_lite_weights_map_onto_timm(variant):
     assert torch.equal(model.conv_head.weight, source["_conv_head.weight"])
     with pytest.raises(LesionkitError, match=f"model.weights={variant} holds EfficientNet-Lite{number} weights"):
         ModelConfig(name="tf_efficientnet_lite1", weights=variant)
+
+
+def test_attention_pooling_starts_as_the_average_and_travels_with_the_checkpoint(tmp_path):
+    from lesionkit.model.checkpoint import checkpoint_meta
+    from lesionkit.model.network import AttentionPool
+    from lesionkit.serve.export import export_classifier
+    from lesionkit.serve.onnx_classifier import OnnxClassifier
+    from lesionkit.serve.torch_classifier import TorchClassifier
+
+    torch.manual_seed(0)
+    attention = create_model(ModelConfig(name="test_efficientnet", weights="none", pool="attention"), 7).eval()
+    average = create_model(ModelConfig(name="test_efficientnet", weights="none"), 7).eval()
+    assert isinstance(attention.global_pool, AttentionPool)
+    average.load_state_dict({k: v for k, v in attention.state_dict().items() if not k.startswith("global_pool")})
+    x = torch.randn(2, 3, 48, 64)
+
+    def pooled(model):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+    assert torch.allclose(pooled(attention), pooled(average), atol=1e-6), "zero scores: all positions weigh alike"
+    torch.nn.init.normal_(attention.global_pool.score.weight)  # as if trained: the pooling now differs
+    assert not torch.allclose(pooled(attention), pooled(average), rtol=0.05)
+
+    pre = Preprocessing(48, 64, (0.5,) * 3, (0.5,) * 3)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in attention.state_dict().items()},
+                "hyper_parameters": checkpoint_meta("test_efficientnet", pre, pool="attention")}, path)
+    served = TorchClassifier.load(path)
+    assert torch.allclose(torch.from_numpy(served.logits(x.numpy())), attention(x), atol=1e-5)
+    exported = OnnxClassifier(export_classifier(served, path, tmp_path / "model.onnx"))
+    assert np.allclose(exported.logits(x.numpy()), served.logits(x.numpy()), atol=1e-4)
+    with pytest.raises(LesionkitError, match="model.pool must be one of avg, attention"):
+        ModelConfig(pool="max")

@@ -1,7 +1,7 @@
 """The training levers beyond the loss and the sampler change what they claim: MixUp/CutMix mixes images and
 labels (and the losses take the mixed labels), off by default; the EMA of the weights is what checkpoints keep,
-and a resumed run continues it exactly (with layer-wise rate decay on a one-cycle schedule); layer-wise decay
-gives each block its rate."""
+and a resumed run continues it exactly (with attention pooling and layer-wise rate decay on a one-cycle
+schedule); layer-wise decay gives each block its rate."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_a_run_with_mixup_trains_on_mixed_labels(tmp_path, monkeypatch):
 EMA_RUN = """\
 data: {image_size: [48, 64], batch_size: 8, num_workers: 0}
 split: {val_fraction: 0.25}
-model: {name: test_efficientnet, weights: none}
+model: {name: test_efficientnet, weights: none, pool: attention}
 train:
   accelerator: cpu
   ema: 0.9
@@ -102,6 +102,7 @@ def test_ema_weights_are_the_checkpointed_model_and_a_resumed_run_keeps_both(tmp
     moved = [k for k, v in raw.items() if v.is_floating_point() and not torch.allclose(v, averaged[k])]
     assert len(moved) > len(raw) // 4, "the average differs from the raw weights it follows"
     assert last["callbacks"]["WeightAverage"]["steps"] > 0
+    assert "global_pool.score.weight" in raw and last["hyper_parameters"]["pool"] == "attention"
 
     start = EpochSeed.on_train_epoch_start
 

@@ -1,5 +1,5 @@
-"""The classifier: a timm backbone with a head of global average pooling, dropout and a linear layer, and which
-of its layer groups train in each phase."""
+"""The classifier: a timm backbone with a head of global average (or attention) pooling, dropout and a linear
+layer, and which of its layer groups train in each phase."""
 
 from __future__ import annotations
 
@@ -32,6 +32,35 @@ def create_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     torch.nn.init.zeros_(classifier.bias)
     if cfg.weights not in ("hub", "none"):
         load_pretrained(model, cfg.weights)
+    set_pool(model, cfg.pool)
+    return model
+
+
+class AttentionPool(torch.nn.Module):
+    """Attention pooling of a feature map: a 1x1 convolution scores every position, a softmax over the
+    positions weighs them, and the features' weighted sum is the pooled vector (attention-based pooling in
+    the manner of Ilse et al. 2018, one head, ungated). Zero-initialised, it starts as global average pooling.
+    Written here because timm's ``AttentionPool2d`` wants a fixed feature-map size, which test-time turns and
+    other input sizes change."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.score = torch.nn.Conv2d(channels, 1, kernel_size=1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.score(x).flatten(2), dim=-1)  # (n, 1, positions)
+        return (x.flatten(2) * weights).sum(dim=-1)
+
+
+def set_pool(model: torch.nn.Module, pool: str) -> torch.nn.Module:
+    """Give ``model`` the head pooling ``model.pool`` names (timm's average pooling is already there)."""
+    if pool == "attention":
+        if not isinstance(getattr(model, "global_pool", None), torch.nn.Module):
+            raise LesionkitError(f"model.pool=attention replaces a timm model's global_pool, which "
+                                 f"{type(model).__name__} does not have; use model.pool=avg")
+        model.global_pool = AttentionPool(model.num_features)
     return model
 
 

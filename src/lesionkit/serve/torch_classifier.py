@@ -15,6 +15,7 @@ from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.data.transforms import eval_transform
 from lesionkit.evaluate.record import Calibration, load_calibration
 from lesionkit.model.checkpoint import check_compatible, load_checkpoint
+from lesionkit.model.network import set_pool
 
 
 class TorchClassifier:
@@ -36,7 +37,8 @@ class TorchClassifier:
         checkpoint = load_checkpoint(path)
         meta = check_compatible(checkpoint, path)
         try:
-            model = timm.create_model(meta["model_name"], pretrained=False, num_classes=len(meta["classes"]))
+            model = set_pool(timm.create_model(meta["model_name"], pretrained=False, num_classes=len(meta["classes"])),
+                             meta.get("pool", "avg"))
         except RuntimeError as err:  # "Unknown model": written by a timm that knows more models
             raise LesionkitError(f"{path} holds a {meta['model_name']!r} model, which this timm "
                                  f"{timm.__version__} cannot build: {err}") from None

@@ -143,7 +143,7 @@ def build_module(config: Config, model: torch.nn.Module, train_part: pd.DataFram
     preprocessing."""
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), config.data.image_size)
     weights = class_weights(np.array([CLASSES.index(d) for d in train_part["dx"]]), config.train.class_weights)
-    meta = checkpoint_meta(config.model.name, pre, config=config.to_dict())
+    meta = checkpoint_meta(config.model.name, pre, config=config.to_dict(), pool=config.model.pool)
     module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing,
                               config.train.loss, config.train.focal_gamma, mixing(config))
     if config.train.compile:
