@@ -76,6 +76,9 @@ class SplitConfig:
     seed: int = 42
     split_file: str | None = None
     """Reuse a saved ``split.csv`` (``image_id, lesion_id, dx, split``) instead of making a new split."""
+    evaluate_test: bool = True
+    """Report the test part when the run ends. An ablation's arms set ``false``: its test part is measured
+    once, for the recipe the validation figures chose (``lesionkit evaluate --split test`` then)."""
 
     def __post_init__(self):
         for name in ("val_fraction", "test_fraction"):

@@ -144,3 +144,17 @@ def test_layer_wise_lr_decay_gives_each_block_a_smaller_rate_than_the_one_above(
     assert len(plain) == 1 and "lr" not in plain[0]
     with pytest.raises(LesionkitError, match="lr_decay must be in"):
         PhaseConfig("x", 1, 1e-3, lr_decay=1.5)
+
+
+def test_an_ablation_arm_keeps_its_test_part_unseen(tmp_path):
+    import pandas as pd
+
+    data = make_ham_folder(tmp_path / "ham", lesions_per_class=4)
+    out = tmp_path / "arm"
+    assert main(["train", "--data-dir", str(data), "--out", str(out), "--model", "test_efficientnet",
+                 "--weights", "none", "--set", "data.image_size=[48,64]", "--set", "data.num_workers=0",
+                 "--set", "train.accelerator=cpu", "--set", "split.test_fraction=0.25",
+                 "--set", "split.evaluate_test=false", "--set", "train.phases.0.epochs=1",
+                 "--set", "train.phases.1.epochs=1"]) == 0
+    assert (pd.read_csv(out / "split.csv")["split"] == "test").sum() > 0, "the test part exists"
+    assert (out / "report.json").is_file() and not (out / "test").exists(), "and nothing measured it"

@@ -99,6 +99,8 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
 
     if not trainer.is_global_zero:  # with several GPUs, one process writes the report
         return {}
+    if not config.split.evaluate_test:
+        parts = {**parts, "test": parts["test"].iloc[:0]}
     return report_parts(out, parts, skipped, EvalSettings(batch_size=batch, workers=workers,
                                                           device="cuda" if torch.cuda.is_available() else "cpu"),
                         cache)
