@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from lesionkit.data.metadata import METADATA_NAME
 from lesionkit.data.images import IMAGE_SUFFIXES
-from lesionkit.model.weights import lite1_state_dict
+from lesionkit.model.weights import lite_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def main() -> None:
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             (target / path.parent.relative_to(args.data)).mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target / path.relative_to(args.data))
-    save_file({k: v.contiguous() for k, v in lite1_state_dict().items()}, str(args.out / "lite1.safetensors"))
+    save_file({k: v.contiguous() for k, v in lite_state_dict("lite1").items()}, str(args.out / "lite1.safetensors"))
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{args.out}: {total / 2**20:.1f} MiB (the device carries at most 64 MiB with the working tree)")
 
