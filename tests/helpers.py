@@ -1,5 +1,5 @@
 """What the tests share besides fixtures: where the repository and the real data are, and generated images and
-HAM10000-style folders."""
+HAM10000-style folders, and pictures that are not dermoscopy."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from lesionkit import CLASSES
@@ -77,3 +78,22 @@ def fake_checkpoint(path: Path, model_name: str = "test_efficientnet", classes=C
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": meta,
                 "epoch": 0, "lesionkit": {"phase": "head", "phase_index": 0}}, path)
     return path
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "retina", "coins", "moon", "page", "text", "colorwheel", "brick", "grass", "gravel", "logo")
+
+
+def not_dermoscopy(folder: Path, photos=PHOTOS) -> list[Path]:
+    """scikit-image's photos (those shipped with it), uniform noise, and blank white, black and grey images."""
+    data = pytest.importorskip("skimage.data")
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in photos}
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        images[f"noise{seed}"] = Image.fromarray(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8))
+    for name, grey in (("white", 255), ("black", 0), ("grey", 128)):
+        images[name] = Image.new("RGB", (600, 450), (grey,) * 3)
+    for name, image in images.items():
+        image.save(folder / f"{name}.png")
+    return sorted(folder.glob("*.png"))

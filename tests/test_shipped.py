@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import FULLRES, REPO, fake_checkpoint
+from helpers import FULLRES, REPO, fake_checkpoint, not_dermoscopy
 
 from lesionkit.cli import main
 from lesionkit.model.checkpoint import slim_checkpoint
@@ -90,3 +90,19 @@ def test_a_slim_checkpoint_serves_like_its_source_at_a_fraction_of_the_size(tmp_
     batch = np.random.default_rng(0).normal(size=(2, 3, 48, 64)).astype(np.float32)
     reference, served = TorchClassifier.load(source).logits(batch), TorchClassifier.load(slim).logits(batch)
     assert np.abs(served - reference).max() <= 0.01 * np.abs(reference).max() + 1e-3
+
+
+@shipped
+def test_the_shipped_model_flags_photos_noise_and_blank_images_and_passes_lesions(tmp_path):
+    """Its record, fitted on its validation part: every scikit-image photo, noise and blank image is flagged
+    (docs/ood.md), and few of the 600x450 originals, which are dermoscopy."""
+    from lesionkit.serve.predict import predict_paths
+
+    classifier = TorchClassifier.load(CHECKPOINT)
+    answers, errors = predict_paths(classifier, not_dermoscopy(tmp_path / "other"))
+    assert not errors and len(answers) == 23
+    assert [a["image"] for a in answers if not a["out_of_distribution"]] == []
+    originals = sorted(FULLRES.rglob("*.jpg"))
+    if originals:
+        lesions, _ = predict_paths(classifier, originals)
+        assert sum(a["out_of_distribution"] for a in lesions) < 0.1 * len(lesions)

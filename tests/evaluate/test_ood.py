@@ -16,31 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from helpers import fake_checkpoint
+from helpers import fake_checkpoint, not_dermoscopy
 from lesionkit import CLASSES
 from lesionkit.cli import main
 from lesionkit.data.images import load_image
 from lesionkit.evaluate.ood import COLOUR_MOMENTS, Gaussian, energy, fit_ood, normalised, ood_inputs
 from lesionkit.evaluate.record import Calibration, load_calibration, save_calibration
-
-PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "retina", "coins", "moon", "page", "text", "colorwheel", "brick", "grass", "gravel", "logo")
-
-
-def not_dermoscopy(folder: Path, photos=PHOTOS) -> list[Path]:
-    """scikit-image's photos (those shipped with it), uniform noise, and blank white, black and grey images."""
-    data = pytest.importorskip("skimage.data")
-    folder.mkdir(parents=True, exist_ok=True)
-    images = {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in photos}
-    rng = np.random.default_rng(0)
-    for seed in range(3):
-        images[f"noise{seed}"] = Image.fromarray(rng.integers(0, 256, (450, 600, 3), dtype=np.uint8))
-    for name, grey in (("white", 255), ("black", 0), ("grey", 128)):
-        images[name] = Image.new("RGB", (600, 450), (grey,) * 3)
-    for name, image in images.items():
-        image.save(folder / f"{name}.png")
-    return sorted(folder.glob("*.png"))
-
 
 def write_lesion(path: Path, rng: np.random.Generator, c: int) -> Path:
     """A lesion-like 200x150 picture: a soft dark ellipse of a class-dependent colour on blurred, vignetted skin."""
