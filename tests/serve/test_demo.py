@@ -104,3 +104,17 @@ def test_the_page_shows_the_predicted_class_in_a_real_browser(server, tmp_path):
                 shutil.copy(shot, keep)
         finally:
             browser.close()
+
+
+def test_the_status_says_how_the_out_of_distribution_check_went():
+    from lesionkit.serve.demo import describe
+
+    answer = {"prediction": "nv", "probabilities": {"nv": 0.9, "mel": 0.1}, "prediction_set": ["nv"],
+              "refer": False, "refer_threshold": 0.1, "refer_sensitivity": 0.9}
+    passed = describe({**answer, "out_of_distribution": False, "ood_score": 0.42}, 1.0, "m.ckpt")
+    flagged = describe({**answer, "out_of_distribution": True, "ood_score": 2.1}, 1.0, "m.ckpt")
+    unknown = describe({**answer, "out_of_distribution": None, "ood_score": None}, None, "m.ckpt",
+                       ["no out-of-distribution detector"])
+    assert "score 0.42; flagged above 1.0" in passed and "Warning" not in passed
+    assert "does not look like a dermoscopic image" in flagged and "score 2.1" in flagged
+    assert "Looks like" not in unknown and "no out-of-distribution detector" in unknown

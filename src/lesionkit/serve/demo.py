@@ -34,6 +34,9 @@ def describe(answer: dict, ood_threshold: float | None, source: str, missing: li
     if answer["out_of_distribution"]:
         lines += [f"**Warning: this does not look like a dermoscopic image** (out-of-distribution score "
                   f"{answer['ood_score']:.1f}, threshold {ood_threshold:.1f}): do not trust the answer.", ""]
+    if answer["out_of_distribution"] is False:
+        lines.append(f"- Looks like the dermoscopic images the model was validated on (out-of-distribution score "
+                     f"{answer['ood_score']:.2f}; flagged above {ood_threshold:.1f})")
     if answer.get("prediction_set") is not None:
         lines.append(f"- Prediction set at {100 * COVERAGE:.0f}% coverage: {', '.join(answer['prediction_set'])}")
     if answer["refer"] is not None:
