@@ -36,7 +36,8 @@ def test_predict_answers_an_original_with_the_shipped_model_from_anywhere(backen
                            "--coverage", "0.9", "--backend", backend], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"model: {CHECKPOINT}" in done.stderr
+    served = CHECKPOINT if backend == "torch" else CHECKPOINT.with_suffix(".onnx")
+    assert f"model: {served} (no --checkpoint given)" in done.stderr, "the file that answered is named"
     (answer,) = json.loads(done.stdout)
     assert answer["prediction"] in answer["prediction_set"]
     assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-5)

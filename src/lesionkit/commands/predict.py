@@ -52,7 +52,7 @@ def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: boo
 
 
 def run(args: argparse.Namespace) -> int:
-    args.checkpoint = checkpoint_or_default(args.checkpoint)
+    args.checkpoint = checkpoint_or_default(args.checkpoint, onnx=args.backend == "onnx")
     classifier = load_classifier(args.checkpoint, args.backend, args.device, args.tta)
     if args.coverage is not None:
         check_coverage(classifier, args.coverage, str(args.checkpoint))

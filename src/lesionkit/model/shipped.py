@@ -26,11 +26,14 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
                              "models/lesionkit-lite1.ckpt, or $LESIONKIT_MODEL)")
 
 
-def checkpoint_or_default(checkpoint: Path | None) -> Path:
-    """``checkpoint``, or the default model, announced on standard error so that every output names it."""
+def checkpoint_or_default(checkpoint: Path | None, onnx: bool = False) -> Path:
+    """``checkpoint``, or the default model (its ONNX export beside it with ``onnx``), announced on standard
+    error so that every output names the file that answered."""
     if checkpoint is not None:
         return checkpoint
     chosen = Path(os.environ["LESIONKIT_MODEL"]) if os.environ.get("LESIONKIT_MODEL") else CHECKPOINT
+    if onnx:
+        chosen = chosen.with_suffix(".onnx")
     if not chosen.is_file():
         where = "$LESIONKIT_MODEL" if os.environ.get("LESIONKIT_MODEL") else "the shipped model"
         raise LesionkitError(f"no --checkpoint given and {where}, {chosen}, is not there (an installed wheel "
