@@ -44,11 +44,13 @@ def run(command: list[str]) -> None:
         sys.exit(f"lesionkit {command[0]} failed")
 
 
-def latency_ms(paths: list[Path], image: np.ndarray, rounds: int = 30) -> dict[str, float]:
-    """Median milliseconds of one image through each export, the exports taking turns."""
+def latency_ms(paths: list[Path], rounds: int = 30) -> dict[str, float]:
+    """Median milliseconds of one (blank) image through each export, the exports taking turns."""
     from lesionkit.serve.onnx_classifier import OnnxClassifier
 
     served = {path.name: OnnxClassifier(path) for path in paths}
+    pre = next(iter(served.values())).preprocessing
+    image = np.zeros((3, pre.height, pre.width), np.float32)
     times = {name: [] for name in served}
     for _ in range(rounds):
         for name, classifier in served.items():
@@ -83,9 +85,7 @@ def main() -> None:
             figures[name] = json.loads((work / model.stem / "report.json").read_text())
         figures["slim checkpoint"] = json.loads((work / "slim" / "report.json").read_text())
         shutil.copy(work / "slim" / "report.json", out / "report.json")
-        from lesionkit.serve.onnx_classifier import OnnxClassifier
-        image = np.zeros((3, *(lambda p: (p.height, p.width))(OnnxClassifier(exported).preprocessing)), np.float32)
-        latency = latency_ms([float32, exported], image)
+        latency = latency_ms([float32, exported])
     for name in RUN_FILES:
         shutil.copy(args.run_dir / name, out / name)
     run(["card", str(out), "--out", str(out / "MODEL_CARD.md"), "--name", NAME])

@@ -97,3 +97,20 @@ def not_dermoscopy(folder: Path, photos=PHOTOS) -> list[Path]:
     for name, image in images.items():
         image.save(folder / f"{name}.png")
     return sorted(folder.glob("*.png"))
+
+
+def interrupt_at_epoch(monkeypatch, phase: int, epoch: int) -> list[tuple[int, int]]:
+    """Make training stop as by Ctrl-C when epoch ``epoch`` of phase ``phase`` starts (the previous epoch's
+    checkpoint written); returns the (phase, epoch) pairs started. ``monkeypatch.undo()`` lets runs go on."""
+    from lesionkit.train.resume import EpochSeed
+
+    seen, start = [], EpochSeed.on_train_epoch_start
+
+    def stop_there(self, trainer, module):
+        seen.append((module.phase_index, trainer.current_epoch))
+        if seen[-1] == (phase, epoch):
+            raise KeyboardInterrupt
+        start(self, trainer, module)
+
+    monkeypatch.setattr(EpochSeed, "on_train_epoch_start", stop_there)
+    return seen

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from helpers import make_ham_folder
+from helpers import interrupt_at_epoch, make_ham_folder
 
 from lesionkit import CLASSES, LesionkitError
 from lesionkit.cli import main
@@ -116,8 +116,6 @@ train:
 
 
 def test_an_oversampled_focal_run_repeats_under_its_seed_and_resumes_mid_phase_exactly(tmp_path, monkeypatch):
-    from lesionkit.train.resume import EpochSeed
-
     data = make_ham_folder(tmp_path / "ham", lesions_per_class=4)
     (tmp_path / "tiny.yaml").write_text(TINY)
 
@@ -129,18 +127,9 @@ def test_an_oversampled_focal_run_repeats_under_its_seed_and_resumes_mid_phase_e
     metrics = (tmp_path / "a" / "metrics.csv").read_text()
     assert metrics == (tmp_path / "b" / "metrics.csv").read_text()
 
-    seen = []
-    start = EpochSeed.on_train_epoch_start
-
-    def stop_in_the_middle_of_finetuning(self, trainer, module):
-        seen.append((module.phase_index, trainer.current_epoch))
-        if (module.phase_index, trainer.current_epoch) == (1, 2):
-            raise KeyboardInterrupt
-        start(self, trainer, module)
-
-    monkeypatch.setattr(EpochSeed, "on_train_epoch_start", stop_in_the_middle_of_finetuning)
+    seen = interrupt_at_epoch(monkeypatch, phase=1, epoch=2)
     assert train(tmp_path / "c") == 130
     assert seen[-1] == (1, 2), "stopped in the middle of the second phase, after a checkpoint of it"
-    monkeypatch.setattr(EpochSeed, "on_train_epoch_start", start)
+    monkeypatch.undo()
     assert main(["train", "--out", str(tmp_path / "c"), "--resume"]) == 0
     assert (tmp_path / "c" / "metrics.csv").read_text() == metrics

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import make_ham_folder
+from helpers import interrupt_at_epoch, make_ham_folder
 
 from lesionkit import LesionkitError
 from lesionkit.cli import main
@@ -86,8 +86,6 @@ train:
 
 
 def test_ema_weights_are_the_checkpointed_model_and_a_resumed_run_keeps_both(tmp_path, monkeypatch):
-    from lesionkit.train.resume import EpochSeed
-
     data = make_ham_folder(tmp_path / "ham", lesions_per_class=4)
     (tmp_path / "ema.yaml").write_text(EMA_RUN)
 
@@ -104,16 +102,9 @@ def test_ema_weights_are_the_checkpointed_model_and_a_resumed_run_keeps_both(tmp
     assert last["callbacks"]["WeightAverage"]["steps"] > 0
     assert "global_pool.score.weight" in raw and last["hyper_parameters"]["pool"] == "attention"
 
-    start = EpochSeed.on_train_epoch_start
-
-    def stop_in_the_middle_of_finetuning(self, trainer, module):
-        if (module.phase_index, trainer.current_epoch) == (1, 2):
-            raise KeyboardInterrupt
-        start(self, trainer, module)
-
-    monkeypatch.setattr(EpochSeed, "on_train_epoch_start", stop_in_the_middle_of_finetuning)
+    interrupt_at_epoch(monkeypatch, phase=1, epoch=2)
     assert train(tmp_path / "b") == 130
-    monkeypatch.setattr(EpochSeed, "on_train_epoch_start", start)
+    monkeypatch.undo()
     assert main(["train", "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert (tmp_path / "b" / "metrics.csv").read_text() == (tmp_path / "a" / "metrics.csv").read_text()
     resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -99,6 +99,10 @@ def ahead(pool: ThreadPoolExecutor, function: Callable, items: list, lookahead: 
         yield running.popleft().result()
 
 
+# The answer's fields after the probabilities, in table and CSV order.
+DECISIONS = ("out_of_distribution", "ood_score", "refer", "refer_threshold", "refer_sensitivity")
+
+
 def _cell(value, digits: int = 4) -> str:
     """A decision in a table or CSV cell: true/false as in JSON, blank where the record has none."""
     return "" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:.{digits}g}"
@@ -118,10 +122,9 @@ class Output:
         # The table's first column fits every path given, known before any answer.
         self.width = max([len("image")] + [len(str(path)) for path in paths])
         self.refer = f"refer(mel>={melanoma['threshold']:.3g}@sens{melanoma['sensitivity']:g})" if melanoma else "refer"
-        decisions = ["out_of_distribution", "ood_score", "refer", "refer_threshold", "refer_sensitivity"]
         if fmt == "csv":
             self.csv = csv.writer(stream)
-            self.csv.writerow(["image", "prediction", *classes, *decisions] + (["prediction_set"] if coverage else []))
+            self.csv.writerow(["image", "prediction", *classes, *DECISIONS] + (["prediction_set"] if coverage else []))
         elif fmt == "table":
             stream.write(f"{'image':<{self.width}}  {'prediction':<10}  " + "  ".join(f"{c:>6}" for c in classes)
                          + f"  {'ood':>5}  {'ood_score':>9}  {self.refer:>5}"
@@ -136,8 +139,7 @@ class Output:
                 self.stream.write(("," if self.count else "") + "\n" + item)
             elif self.fmt == "csv":
                 scores = (f"{r['probabilities'][c]:.6f}" for c in self.classes)
-                decisions = (_cell(r[k], 8) for k in ("out_of_distribution", "ood_score", "refer", "refer_threshold",
-                                                   "refer_sensitivity"))
+                decisions = (_cell(r[k], 8) for k in DECISIONS)
                 self.csv.writerow([r["image"], r["prediction"], *scores, *decisions]
                                   + ([";".join(r["prediction_set"])] if self.coverage else []))
             else:
