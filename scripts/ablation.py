@@ -27,6 +27,7 @@ ARMS = {
     "sampler": ["data.sampler=balanced", "train.class_weights=none"],
     "ema": ["train.ema=0.998"],
     "attention": ["model.pool=attention"],
+    "metadata": ["model.metadata=[age,sex,localization]"],
     "mixup": ["augment.mixup=0.2"],
     "sqrt-weights": ["train.class_weights=sqrt"],
     "llrd": ["train.phases.1.unfreeze=-1", "train.phases.1.lr_decay=0.7"],

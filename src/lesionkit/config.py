@@ -23,6 +23,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, ValidationEr
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lesionkit import LesionkitError
+from lesionkit.data.clinical import FIELDS as METADATA_FIELDS
 
 SAMPLERS = ("shuffle", "balanced", "sqrt")
 CLASS_WEIGHTS = ("balanced", "sqrt", "none")
@@ -105,9 +106,22 @@ class ModelConfig:
     pool: str = "avg"
     """How the head pools the last feature map: ``avg`` (global average), or ``attention`` (a learnt score per
     position, softmax over positions, the weighted mean; it starts as the average)."""
+    metadata: list[str] = field(default_factory=list)
+    """Clinical metadata the model reads beside the image, any of ``age``, ``sex``, ``localization`` (columns of
+    the metadata CSV; :mod:`lesionkit.data.clinical`): a small MLP embeds them and the classifier reads its output
+    beside the pooled image features. Empty: the image alone."""
+    metadata_dropout: float = 0.3
+    """In training, the chance that each metadata field of an image is replaced by "unknown", so that the model
+    answers well without it too."""
 
     def __post_init__(self):
         _one_of("model.pool", self.pool, POOLS)
+        unknown = sorted(set(self.metadata) - set(METADATA_FIELDS))
+        if unknown or len(set(self.metadata)) != len(self.metadata):
+            raise LesionkitError(f"model.metadata lists fields once each, from {', '.join(METADATA_FIELDS)}; got "
+                                 f"{list(self.metadata)}")
+        if not 0 <= self.metadata_dropout < 1:
+            raise LesionkitError(f"model.metadata_dropout must be in [0, 1), got {self.metadata_dropout}")
         if not 0 <= self.dropout < 1:
             raise LesionkitError(f"model.dropout must be in [0, 1), got {self.dropout}")
         lite = {f"lite{n}": f"tf_efficientnet_lite{n}" for n in range(3)}  # lesionkit.model.weights.LITE
@@ -260,6 +274,9 @@ class Config:
 
     def __post_init__(self):
         cached = [p.name for p in self.train.phases if p.cache_features]
+        if cached and self.model.metadata:
+            raise LesionkitError(f"phase(s) {', '.join(cached)} set cache_features, which stores image features "
+                                 f"alone: with model.metadata set cache_features: false")
         if cached and self.augment.enabled:
             raise LesionkitError(f"phase(s) {', '.join(cached)} set cache_features, which needs the same image "
                                  f"every epoch: set augment.enabled=false or cache_features: false")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lesionkit import CLASSES
 from lesionkit.data.cache import ImageCache
+from lesionkit.data.clinical import ClinicalEncoding
 from lesionkit.data.images import load_image
 
 
@@ -18,29 +20,39 @@ class ImageDataset(Dataset):
     """Images at ``paths`` with integer ``labels`` (or -1 where unknown), passed through ``transform``.
 
     With a ``cache`` (and the images' ``ids``), pictures come from the memory-mapped cache instead of being
-    decoded; the transform is the same either way.
+    decoded; the transform is the same either way. With ``metadata`` (one encoded row per image,
+    :mod:`lesionkit.data.clinical`) a sample is ``((image, metadata), label)``.
     """
 
     def __init__(self, paths: list[str], labels: list[int], transform, *, ids: list[str] | None = None,
-                 cache: ImageCache | None = None):
+                 cache: ImageCache | None = None, metadata: np.ndarray | None = None):
         self.paths, self.labels, self.transform, self.ids, self.cache = paths, labels, transform, ids, cache
+        self.metadata = None if metadata is None else torch.from_numpy(np.asarray(metadata, dtype=np.float32))
         if cache is not None and (ids is None or any(i not in cache for i in ids)):
             raise ValueError("every image of a cached dataset must be in its cache")
+        if self.metadata is not None and len(self.metadata) != len(paths):
+            raise ValueError(f"{len(self.metadata)} metadata rows for {len(paths)} images")
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, transform, cache: ImageCache | None = None) -> ImageDataset:
+    def from_frame(cls, frame: pd.DataFrame, transform, cache: ImageCache | None = None,
+                   encoding: ClinicalEncoding | None = None) -> ImageDataset:
+        """The images of ``frame`` (``path``, ``image_id``, ``dx``), with its metadata columns encoded by
+        ``encoding`` when given."""
         labels = [CLASSES.index(dx) for dx in frame["dx"]]
-        return cls(list(frame["path"]), labels, transform, ids=list(frame["image_id"]), cache=cache)
+        metadata = None if encoding is None else encoding.encode(frame)
+        return cls(list(frame["path"]), labels, transform, ids=list(frame["image_id"]), cache=cache,
+                   metadata=metadata)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], int]:
         if self.cache is not None:
             image = self.cache.image(self.ids[index])
         else:
             image = load_image(Path(self.paths[index]))
-        return self.transform(image), self.labels[index]
+        image = self.transform(image)
+        return (image if self.metadata is None else (image, self.metadata[index])), self.labels[index]
 
 
 def default_workers() -> int:

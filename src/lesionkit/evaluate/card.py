@@ -71,8 +71,10 @@ def model_card(run: Path, name: str | None = None) -> str:
 
     lines += ["## Model details", "",
               f"- Network: `{model.get('name', report.context.get('model', 'unknown'))}` (timm), ImageNet weights "
-              f"`{model.get('weights', 'unknown')}`, a head of global average pooling, dropout "
-              f"{model.get('dropout', 'n/a')} and a linear layer over 7 classes.",
+              f"`{model.get('weights', 'unknown')}`, a head of {_pooling(model)} pooling, dropout "
+              f"{model.get('dropout', 'n/a')} and a linear layer over 7 classes"
+              + (f" that also reads {', '.join(model['metadata'])} through a small MLP (trained with each field "
+                 f"withheld at random, so it also answers without them)" if model.get("metadata") else "") + ".",
               f"- Training: {len(config.get('train', {}).get('phases', []))} phase(s) "
               + ", ".join(f"{p['name']} ({p['epochs']} epochs at lr {p['lr']:g}, unfreeze {p['unfreeze']})"
                           for p in config.get("train", {}).get("phases", []))
@@ -110,6 +112,12 @@ def model_card(run: Path, name: str | None = None) -> str:
     lines += markdown_table(["metric", *(name for name, _ in parts)],
                             [[label, *(_with_interval(r, key) for _, r in parts)] for key, label in HEADLINE.items()]
                             + [["images", *(r.n_images for _, r in parts)]])
+    if report.metadata:
+        with_, without = report.metadata["with"], report.metadata["without"]
+        lines += ["", f"Without the clinical metadata (every field unknown, as for a user who has none), validation "
+                      f"balanced accuracy is {_pct(without['balanced_accuracy'])} against "
+                      f"{_pct(with_['balanced_accuracy'])} with it; macro AUC {_pct(without['macro_auc'])} against "
+                      f"{_pct(with_['macro_auc'])}."]
     lines += ["", "Per class (validation):", ""]
     lines += markdown_table(["class", "images", "sensitivity", "specificity", "AUC"],
                             [[c, m["support"], _pct(m["recall"]), _pct(m.get("specificity")), _pct(m["auc"])]
@@ -137,6 +145,10 @@ def model_card(run: Path, name: str | None = None) -> str:
               "reaches at full resolution; say which copy a figure came from.",
               "- Re-measure on your own data before relying on any number here.", ""]
     return "\n".join(lines)
+
+
+def _pooling(model: dict) -> str:
+    return "attention" if model.get("pool") == "attention" else "global average"
 
 
 def _data_sections(split: pd.DataFrame | None, metadata: pd.DataFrame | None, report: Report,

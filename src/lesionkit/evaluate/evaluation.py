@@ -29,7 +29,7 @@ from lesionkit.evaluate.decisions import REFERRAL_SENSITIVITY, decision_sections
 from lesionkit.evaluate.metrics import ECE_BINS, brier_score, expected_calibration_error
 from lesionkit.evaluate.plots import report_figures
 from lesionkit.evaluate.render import write_report
-from lesionkit.evaluate.report import Report, build_report, lesion_level, write_predictions
+from lesionkit.evaluate.report import Report, build_report, headline, lesion_level, write_predictions
 from lesionkit.evaluate.subgroups import subgroup_metrics
 from lesionkit.serve.classifier import VIEW_NAMES, Classifier, average_probabilities, view_outputs
 from lesionkit.serve.torch_classifier import TorchClassifier
@@ -89,9 +89,13 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
     if cache is None and images.trained_on is not None:
         cache_dir = classifier.meta.get("config", {}).get("data", {}).get("cache_dir")
         cache = find_cache(images.trained_on, classifier.preprocessing, cache_dir)
-    loader = make_loader(ImageDataset.from_frame(frame, tensor_transform(classifier), cache), settings.batch_size,
-                         train=False, workers=settings.workers)
-    logits, features = loader_outputs(classifier, loader, tta)  # (images, views, classes), plain (images, width)
+    encoding = classifier.encoding
+
+    def outputs(encoding):
+        dataset = ImageDataset.from_frame(frame, tensor_transform(classifier), cache, encoding)
+        return loader_outputs(classifier, make_loader(dataset, settings.batch_size, train=False,
+                                                      workers=settings.workers), tta)
+    logits, features = outputs(encoding)  # (images, views, classes), plain (images, width)
     labels = np.array([classifier.classes.index(d) for d in frame["dx"]])
     lesions_known = "lesion_id" in frame and frame["lesion_id"].notna().all()
     groups = (frame["lesion_id"] if lesions_known else frame["image_id"]).to_numpy()
@@ -114,6 +118,11 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
         drawn = intervals(labels, probabilities, classifier.classes, groups, settings.bootstrap)
         report.intervals, report.bootstrap = drawn["intervals"], drawn["bootstrap"]
         report.bootstrap["unit"] = "lesion" if lesions_known else "image"
+    if encoding is not None:
+        without = average_probabilities(outputs(None)[0], temperature)
+        report.metadata = {"fields": list(encoding.fields), "given": encoding.describe(frame),
+                           "with": headline(labels, probabilities, classifier.classes),
+                           "without": headline(labels, without, classifier.classes)}
     report.subgroups = subgroup_metrics(frame, labels, probabilities, classifier.classes)
     if lesions_known:
         report.lesion_level = lesion_level(labels, probabilities, groups, classifier.classes)
@@ -172,12 +181,14 @@ def tensor_transform(classifier: Classifier):
 
 def loader_outputs(classifier: Classifier, loader, tta: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(n, views, classes)`` logits and the plain view's ``(n, width)`` pooled features for every image a loader
-    yields, in order, from the same forward passes."""
+    yields (with the metadata it yields), in order, from the same forward passes."""
     logits, features = [], []
     with tqdm(total=len(loader.dataset), desc="Evaluating" + (", 8 views each" if tta else ""), unit="img",
               delay=1, leave=False) as bar:
-        for batch, _ in loader:
-            batch_logits, batch_features = view_outputs(classifier, batch.numpy(), tta)
+        for inputs, _ in loader:  # images, or (images, metadata) for a model that reads metadata
+            batch, metadata = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
+            batch_logits, batch_features = view_outputs(classifier, batch.numpy(), tta,
+                                                        None if metadata is None else metadata.numpy())
             logits.append(batch_logits)
             features.append(batch_features)
             bar.update(len(batch))

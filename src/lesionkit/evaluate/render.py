@@ -95,6 +95,14 @@ def render_markdown(report: Report, title: str) -> str:
                                  for key, name in LONG_NAMES.items()]
                                 + [[f"{name} recall", _pct(report.per_class[name]["recall"]), _pct(recall)]
                                    for name, recall in lesions["recall"].items()])
+    if report.metadata:
+        used = report.metadata
+        lines += ["", "## Clinical metadata", "",
+                  f"The model reads {', '.join(used['fields'])} beside the image; these images gave: "
+                  f"{used['given']}. Without it, every field is unknown, as for a user who has none.", ""]
+        lines += markdown_table(["metric", "with metadata", "without metadata"],
+                                [[name, _pct(used["with"][key]), _pct(used["without"][key])]
+                                 for key, name in LONG_NAMES.items()])
     points = report.melanoma_operating_points
     if points:
         lines += ["", "## Melanoma operating points (one melanoma-vs-rest threshold)", ""]

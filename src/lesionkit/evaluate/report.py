@@ -60,6 +60,9 @@ class Report:
     lesion_level: dict = field(default_factory=dict)
     """The headline metrics with one answer per lesion (its images' probabilities averaged), and the lesion
     count; empty where the images' lesions are unknown."""
+    metadata: dict = field(default_factory=dict)
+    """For a model that reads clinical metadata: the fields these images gave, and the headline metrics with
+    that metadata (the report's own) and without it (every field unknown); empty for an image-only model."""
     figures: dict = field(default_factory=dict)
     """Picture file name: caption, in reading order."""
     context: dict = field(default_factory=dict)
@@ -107,6 +110,12 @@ def lesion_level(labels: np.ndarray, probabilities: np.ndarray, lesions: np.ndar
     measured = classification_metrics(truth, averaged, classes)
     return {"lesions": len(truth), **{key: measured[key] for key in HEADLINE},
             "recall": {name: c["recall"] for name, c in measured["per_class"].items()}}
+
+
+def headline(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+    """:data:`HEADLINE` metrics alone."""
+    measured = classification_metrics(labels, probabilities, classes)
+    return {key: measured[key] for key in HEADLINE}
 
 
 def load_report(path: Path) -> Report:

@@ -12,7 +12,7 @@ from lesionkit import LesionkitError, __version__
 from lesionkit.config import PhaseConfig
 from lesionkit.model.features import head_logits
 from lesionkit.model.losses import make_criterion
-from lesionkit.model.network import freeze_batchnorm_stats, set_trainable
+from lesionkit.model.network import freeze_batchnorm_stats, logits_with_metadata, set_trainable
 
 MONITOR = "val/balanced_accuracy"
 
@@ -62,16 +62,22 @@ class LesionClassifier(L.LightningModule):
             freeze_batchnorm_stats(self.model, everywhere=self.phase.freeze_bn)
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Logits of images, or of ``(images, metadata)`` for a model with a metadata head."""
+        images, metadata = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
         if images.ndim == 2:  # stored backbone features, in a phase with cache_features (lesionkit.model.features)
             return head_logits(self.model, images)
-        return self.model(images.contiguous(memory_format=torch.channels_last))
+        return logits_with_metadata(self.model, images.contiguous(memory_format=torch.channels_last), metadata)
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
-        if self.mixing is not None:
-            images, labels = self.mixing(images, labels)
-        loss = self.criterion(self(images), labels)
+        inputs, labels = batch
+        if self.mixing is not None:  # images mixed; each keeps its own metadata
+            if isinstance(inputs, (tuple, list)):
+                images, labels = self.mixing(inputs[0], labels)
+                inputs = (images, inputs[1])
+            else:
+                inputs, labels = self.mixing(inputs, labels)
+        loss = self.criterion(self(inputs), labels)
         # One bad batch (or a diverging rate) would otherwise train every later step on NaN weights. The check
         # costs no extra sync: the progress bar reads the loss every step anyway.
         if not torch.isfinite(loss):
@@ -83,8 +89,8 @@ class LesionClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, labels = batch
-        logits = self(images)
+        inputs, labels = batch
+        logits = self(inputs)
         self.log("val/loss", self.criterion(logits, labels), sync_dist=True, batch_size=len(labels))
         self.val_accuracy(logits, labels)
         self.val_balanced_accuracy(logits, labels)

@@ -64,6 +64,56 @@ def set_pool(model: torch.nn.Module, pool: str) -> torch.nn.Module:
     return model
 
 
+class MetadataHead(torch.nn.Module):
+    """The classifier of a model that reads clinical metadata (``model.metadata``): a small MLP embeds the
+    metadata vector (:class:`lesionkit.data.clinical.ClinicalEncoding`), and one linear layer classifies the pooled
+    image features and that embedding side by side, as the ISIC 2019 and 2020 winners fused them.
+
+    Called with the features alone (timm's ``model(images)``, Grad-CAM, the ONNX export's image-only path) it reads
+    every field as unknown. In training each field of each image is replaced by its unknown value with
+    probability ``field_dropout``, so that the model learns to answer without metadata too."""
+
+    def __init__(self, features: int, classes: int, unknown: torch.Tensor, slices: list[tuple[int, int]],
+                 hidden: int = 64, field_dropout: float = 0.3):
+        super().__init__()
+        self.embed = torch.nn.Sequential(torch.nn.Linear(unknown.numel(), hidden), torch.nn.SiLU(),
+                                         torch.nn.Linear(hidden, hidden), torch.nn.SiLU())
+        self.fc = torch.nn.Linear(features + hidden, classes)
+        torch.nn.init.normal_(self.fc.weight, std=0.01)  # as create_model starts the plain classifier
+        torch.nn.init.zeros_(self.fc.bias)
+        self.register_buffer("unknown", unknown.reshape(1, -1).float())
+        self.slices, self.field_dropout = slices, field_dropout
+
+    def forward(self, features: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        if metadata is None:
+            metadata = self.unknown.expand(len(features), -1)
+        elif self.training and self.field_dropout:
+            metadata = metadata.clone()
+            for start, stop in self.slices:
+                dropped = torch.rand(len(metadata), 1, device=metadata.device) < self.field_dropout
+                metadata[:, start:stop] = torch.where(dropped, self.unknown[:, start:stop], metadata[:, start:stop])
+        return self.fc(torch.cat([features, self.embed(metadata.to(features.dtype))], dim=1))
+
+
+def attach_metadata(model: torch.nn.Module, encoding, field_dropout: float = 0.0) -> torch.nn.Module:
+    """Give ``model`` a :class:`MetadataHead` for ``encoding`` (a :class:`lesionkit.data.clinical.ClinicalEncoding`)
+    in place of its linear classifier."""
+    head = model.pretrained_cfg.get("classifier", "classifier")
+    classes = model.get_classifier().out_features
+    unknown = torch.from_numpy(encoding.unknown(1)[0])
+    model.set_submodule(head, MetadataHead(model.num_features, classes, unknown, encoding.slices,
+                                           field_dropout=field_dropout))
+    return model
+
+
+def logits_with_metadata(model: torch.nn.Module, images: torch.Tensor, metadata: torch.Tensor | None
+                         ) -> torch.Tensor:
+    """``model(images)``, with ``metadata`` reaching a :class:`MetadataHead` when given."""
+    if metadata is None:
+        return model(images)
+    return model.get_classifier()(model.forward_head(model.forward_features(images), pre_logits=True), metadata)
+
+
 def layer_groups(model: torch.nn.Module) -> list[list[str]]:
     """Module names in timm's coarse layer groups, bottom (stem) to top; the classifier is left out."""
     groups = list(group_modules(model, model.group_matcher(coarse=True)).values())

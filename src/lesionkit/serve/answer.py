@@ -53,10 +53,11 @@ def missing_parts(classifier: Classifier) -> list[str]:
 
 
 def assess_batch(classifier: Classifier, batch: np.ndarray, tta: bool = False,
-                 coverage: float | None = None) -> list[dict]:
-    """One answer per image of an ``(n, 3, height, width)`` batch (see the module's docstring for the fields)."""
+                 coverage: float | None = None, metadata: np.ndarray | None = None) -> list[dict]:
+    """One answer per image of an ``(n, 3, height, width)`` batch (see the module's docstring for the fields),
+    with its encoded ``metadata`` rows where the model reads them."""
     calibration, classes = classifier.calibration, classifier.classes
-    logits, features = view_outputs(classifier, batch, tta)
+    logits, features = view_outputs(classifier, batch, tta, metadata)
     averaged = average_probabilities(logits, classifier.temperature)
     plain = average_probabilities(logits[:, :1], classifier.temperature)
     n = len(batch)

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from lesionkit.data.clinical import ClinicalEncoding
 from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.evaluate.ood import ood_inputs
 from lesionkit.evaluate.record import Calibration
@@ -34,14 +35,18 @@ class Classifier(Protocol):
     """What the checkpoint or export says of itself: model name, classes, preprocessing, ..."""
     calibration: Calibration
     """Everything fitted on validation (:mod:`lesionkit.evaluate.record`); its parts are None where unfitted."""
+    encoding: ClinicalEncoding | None
+    """How the model reads clinical metadata (:mod:`lesionkit.data.clinical`); None for an image-only model."""
 
     def transform(self, image: Image.Image) -> np.ndarray:
         """An RGB image as the network's float32 ``(3, height, width)`` input."""
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """``(n, classes)`` float32 logits of an ``(n, 3, height, width)`` batch."""
+    def logits(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        """``(n, classes)`` float32 logits of an ``(n, 3, height, width)`` batch, with its ``(n, width)`` encoded
+        metadata where the model reads it (None: every field unknown; an image-only model ignores it)."""
 
-    def features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def features_and_logits(self, batch: np.ndarray, metadata: np.ndarray | None = None
+                            ) -> tuple[np.ndarray | None, np.ndarray]:
         """The pooled pre-logit features (None where the export has none) and the logits, in one pass."""
 
 
@@ -58,17 +63,19 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def view_logits(classifier: Classifier, batch: np.ndarray, tta: bool) -> np.ndarray:
-    """``(n, views, classes)`` logits: one view without TTA, eight with it."""
-    return np.stack([classifier.logits(view) for view in (views(batch) if tta else [batch])], axis=1)
+def view_logits(classifier: Classifier, batch: np.ndarray, tta: bool, metadata: np.ndarray | None = None
+                ) -> np.ndarray:
+    """``(n, views, classes)`` logits: one view without TTA, eight with it (each with the image's metadata)."""
+    return np.stack([classifier.logits(view, metadata) for view in (views(batch) if tta else [batch])], axis=1)
 
 
-def view_outputs(classifier: Classifier, batch: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def view_outputs(classifier: Classifier, batch: np.ndarray, tta: bool, metadata: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(n, views, classes)`` logits as :func:`view_logits`, and what the out-of-distribution detector reads of
     the plain view (its pooled features and colour moments, :func:`lesionkit.evaluate.ood.ood_inputs`; None where
     an export has no features), from the same passes."""
-    features, plain = classifier.features_and_logits(batch)
-    turned = [classifier.logits(view) for view in views(batch)[1:]] if tta else []
+    features, plain = classifier.features_and_logits(batch, metadata)
+    turned = [classifier.logits(view, metadata) for view in views(batch)[1:]] if tta else []
     return np.stack([plain, *turned], axis=1), None if features is None else ood_inputs(features, batch)
 
 

@@ -2,8 +2,10 @@
 record inside, for :class:`lesionkit.serve.onnx_classifier.OnnxClassifier` (``predict --backend onnx``), and the
 check that onnxruntime's logits are PyTorch's.
 
-The file has two outputs: ``logits``, and ``features``, the pooled pre-logit features that the record's
-out-of-distribution detector scores (:mod:`lesionkit.evaluate.ood`), so that both backends flag the same images.
+The file takes ``image`` (and, for a model that reads clinical metadata, ``metadata``: the encoded rows of
+:mod:`lesionkit.data.clinical`). It has two outputs: ``logits``, and ``features``, the pooled pre-logit features that
+the record's out-of-distribution detector scores (:mod:`lesionkit.evaluate.ood`), so that both backends flag the same
+images.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lesionkit import LesionkitError, __version__
 from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.files import atomic_write
 from lesionkit.model.checkpoint import checkpoint_meta
+from lesionkit.model.network import MetadataHead
 from lesionkit.serve.onnx_classifier import METADATA_KEY, OnnxClassifier
 from lesionkit.serve.onnx_graph import either_orientation, export_form, name_gate_batches
 
@@ -55,12 +58,16 @@ def _graph(model: torch.nn.Module, height: int, width: int):
     import onnx
 
     buffer = io.BytesIO()
+    fused = isinstance(model.get_classifier(), MetadataHead)
+    inputs = (torch.zeros(1, 3, height, width),) + ((model.get_classifier().unknown.clone(),) if fused else ())
+    names = ["image", "metadata"][:len(inputs)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer warnings
-        torch.onnx.export(WithFeatures(export_form(model, height, width)), (torch.zeros(1, 3, height, width),),
-                          buffer, dynamo=False, opset_version=OPSET, input_names=["image"],
+        torch.onnx.export(WithFeatures(export_form(model, height, width)), inputs,
+                          buffer, dynamo=False, opset_version=OPSET, input_names=names,
                           output_names=["logits", "features"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+                          dynamic_axes={**{name: {0: "batch"} for name in names}, "logits": {0: "batch"},
+                                        "features": {0: "batch"}})
     proto = onnx.load_from_string(buffer.getvalue())
     name_gate_batches(proto)
     return proto
@@ -68,15 +75,16 @@ def _graph(model: torch.nn.Module, height: int, width: int):
 
 class WithFeatures(torch.nn.Module):
     """``model``'s logits and its pooled pre-logit features, from one pass (timm's ``forward_head(pre_logits=True)``
-    and the classifier on it: ``model(x)``'s logits)."""
+    and the classifier on it: ``model(x)``'s logits); a model with a metadata head takes its metadata as a second
+    input."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *metadata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return self.model.get_classifier()(features), features
+        return self.model.get_classifier()(features, *metadata), features
 
 
 def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = False) -> Path:
@@ -85,7 +93,7 @@ def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = Fa
     its own, for readers from before the record)."""
     meta = checkpoint_meta(classifier.meta["model_name"], classifier.preprocessing, classifier.classes,
                            temperature=float(classifier.temperature), checkpoint=str(checkpoint),
-                           calibration=classifier.calibration.to_entry())
+                           calibration=classifier.calibration.to_entry(), metadata=classifier.meta.get("metadata"))
     return export_model(classifier.model, classifier.preprocessing, meta, out, turned)
 
 

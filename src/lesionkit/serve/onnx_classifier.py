@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from lesionkit import LesionkitError
+from lesionkit.data.clinical import ClinicalEncoding
 from lesionkit.data.preprocessing import Preprocessing, eval_array
 from lesionkit.evaluate.record import Calibration
 
@@ -52,17 +53,27 @@ class OnnxClassifier:
         self.temperature = self.calibration.temperature or 1.0
         # Exports before the out-of-distribution detector have no features output.
         self.has_features = "features" in [output.name for output in self.session.get_outputs()]
+        self.encoding = ClinicalEncoding.from_dict(self.meta["metadata"]) if self.meta.get("metadata") else None
 
     def transform(self, image: Image.Image) -> np.ndarray:
         return eval_array(image, self.preprocessing)
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+    def _inputs(self, batch: np.ndarray, metadata: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The session's inputs: the image batch, and the metadata rows (every field unknown where none are given)
+        for an export that reads them."""
+        feed = {"image": np.ascontiguousarray(batch, dtype=np.float32)}
+        if self.encoding is not None:
+            rows = self.encoding.unknown(len(batch)) if metadata is None else metadata
+            feed["metadata"] = np.ascontiguousarray(rows, dtype=np.float32)
+        return feed
+
+    def logits(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], self._inputs(batch, metadata))
         return logits
 
-    def features_and_logits(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def features_and_logits(self, batch: np.ndarray, metadata: np.ndarray | None = None
+                            ) -> tuple[np.ndarray | None, np.ndarray]:
         if not self.has_features:
-            return None, self.logits(batch)
-        logits, features = self.session.run(["logits", "features"],
-                                            {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+            return None, self.logits(batch, metadata)
+        logits, features = self.session.run(["logits", "features"], self._inputs(batch, metadata))
         return features, logits

@@ -49,13 +49,15 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 16, tta: bool = False,
-                  emit: Callable[[list[dict]], None] | None = None,
-                  coverage: float | None = None) -> tuple[list[dict], list[str]]:
+                  emit: Callable[[list[dict]], None] | None = None, coverage: float | None = None,
+                  metadata: Callable[[Path], dict] | None = None) -> tuple[list[dict], list[str]]:
     """One record per readable image, ``{"image"}`` and the fields of :func:`lesionkit.serve.answer.assess_batch`
     (``prediction_set`` with ``coverage``), and one error per other.
 
     ``tta`` averages the probabilities of eight flipped and rotated views (:mod:`lesionkit.serve.classifier`);
-    ``emit``, when given, receives each batch's records as soon as they are known.
+    ``emit``, when given, receives each batch's records as soon as they are known. For a model that reads
+    clinical metadata, ``metadata`` gives an image's values (``{"age": 55, "sex": "female", ...}``, any subset),
+    and each record says which it used (``"metadata"``, None where it had none).
     """
     results, errors, pending = [], [], []
 
@@ -65,9 +67,15 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
         except LesionkitError as err:
             return path, None, str(err)
 
+    encoding = classifier.encoding
+
     def flush():
-        answers = assess_batch(classifier, np.stack([image for _, image in pending]), tta, coverage)
+        given = [used_metadata(metadata(path) if metadata else {}) for path, _ in pending] if encoding else []
+        rows = encoding.encode({f: [g.get(f) for g in given] for f in encoding.fields}, len(given)) if given else None
+        answers = assess_batch(classifier, np.stack([image for _, image in pending]), tta, coverage, rows)
         batch = [{"image": str(path), **answer} for (path, _), answer in zip(pending, answers, strict=True)]
+        for record, values in zip(batch, given):
+            record["metadata"] = values or None
         pending.clear()
         results.extend(batch)
         if emit:
@@ -85,6 +93,11 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
         if pending:
             flush()
     return results, errors
+
+
+def used_metadata(values: dict) -> dict:
+    """The values of ``values`` that say something: blank and ``unknown`` are left out."""
+    return {k: v for k, v in values.items() if v is not None and str(v).strip().lower() not in ("", "unknown", "nan")}
 
 
 def ahead(pool: ThreadPoolExecutor, function: Callable, items: list, lookahead: int) -> Iterator:

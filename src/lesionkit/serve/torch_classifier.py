@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from lesionkit import LesionkitError
+from lesionkit.data.clinical import ClinicalEncoding
 from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.data.transforms import eval_transform
 from lesionkit.evaluate.record import Calibration, load_calibration
 from lesionkit.model.checkpoint import check_compatible, load_checkpoint
-from lesionkit.model.network import set_pool
+from lesionkit.model.network import attach_metadata, set_pool
 
 
 class TorchClassifier:
@@ -25,6 +26,7 @@ class TorchClassifier:
                  calibration: Calibration = Calibration()):
         self.model, self.preprocessing, self.meta = model.eval(), preprocessing, meta
         self.classes = list(meta["classes"])
+        self.encoding = ClinicalEncoding.from_dict(meta["metadata"]) if meta.get("metadata") else None
         self.eval_transform = eval_transform(preprocessing)
         # From temperature.json beside the checkpoint (lesionkit.evaluate.record); T = 1: as trained.
         self.calibration = calibration
@@ -42,6 +44,8 @@ class TorchClassifier:
         except RuntimeError as err:  # "Unknown model": written by a timm that knows more models
             raise LesionkitError(f"{path} holds a {meta['model_name']!r} model, which this timm "
                                  f"{timm.__version__} cannot build: {err}") from None
+        if meta.get("metadata"):
+            attach_metadata(model, ClinicalEncoding.from_dict(meta["metadata"]))
         state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         try:
             model.load_state_dict(state)
@@ -59,14 +63,22 @@ class TorchClassifier:
     def transform(self, image: Image.Image) -> np.ndarray:
         return self.eval_transform(image).numpy()
 
-    @torch.inference_mode()
-    def logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
-        batch = torch.as_tensor(batch).to(self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(batch).float().cpu().numpy()
+    def _metadata(self, metadata: np.ndarray | None) -> tuple[torch.Tensor] | tuple[()]:
+        """The classifier's extra argument: the metadata rows, where the model reads them and they are given."""
+        if metadata is None or self.encoding is None:
+            return ()
+        return (torch.as_tensor(metadata, dtype=torch.float32).to(self.device),)
 
     @torch.inference_mode()
-    def features_and_logits(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """timm's pooled pre-logit features, and the classifier on them: ``model(batch)``'s logits, in one pass."""
+    def logits(self, batch: np.ndarray | torch.Tensor, metadata: np.ndarray | None = None) -> np.ndarray:
+        return self.features_and_logits(batch, metadata)[1]
+
+    @torch.inference_mode()
+    def features_and_logits(self, batch: np.ndarray | torch.Tensor, metadata: np.ndarray | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """timm's pooled pre-logit features, and the classifier on them (and on ``metadata``): ``model(batch)``'s
+        logits, in one pass."""
         batch = torch.as_tensor(batch).to(self.device).contiguous(memory_format=torch.channels_last)
         features = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
-        return features.float().cpu().numpy(), self.model.get_classifier()(features).float().cpu().numpy()
+        logits = self.model.get_classifier()(features, *self._metadata(metadata))
+        return features.float().cpu().numpy(), logits.float().cpu().numpy()

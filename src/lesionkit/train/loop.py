@@ -28,6 +28,7 @@ from torch.utils.data import WeightedRandomSampler
 from lesionkit import CLASSES, LesionkitError
 from lesionkit.config import Config, PhaseConfig, TrainConfig, save_config
 from lesionkit.data.cache import build_cache
+from lesionkit.data.clinical import ClinicalEncoding
 from lesionkit.data.datasets import ImageDataset, make_loader
 from lesionkit.data.metadata import find_metadata
 from lesionkit.data.preprocessing import Preprocessing
@@ -36,7 +37,7 @@ from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.model.checkpoint import check_compatible, checkpoint_meta, load_checkpoint
 from lesionkit.model.features import feature_loaders
 from lesionkit.model.module import MONITOR, LesionClassifier
-from lesionkit.model.network import create_model
+from lesionkit.model.network import attach_metadata, create_model
 from lesionkit.train.callbacks import EpochTable
 from lesionkit.train.ema import WeightAverage
 from lesionkit.train.prepare import check_data, class_weights, prepare_split, sample_weights, split_parts
@@ -70,14 +71,19 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
                          len(CLASSES))
     split, skipped = prepare_split(config, dataset, out, resume)
     parts = split_parts(split)
-    module, pre = build_module(config, model, parts["train"])
+    encoding = None
+    if config.model.metadata:
+        encoding = ClinicalEncoding.fit(config.model.metadata, parts["train"], split)
+        attach_metadata(model, encoding, config.model.metadata_dropout)
+    module, pre = build_module(config, model, parts["train"], encoding)
     cache = build_cache(split, pre, config.data.cache_dir) if config.data.cache else None
     record_run(config, out, split, resume)
     workers, batch = config.data.num_workers, config.data.batch_size
-    train_loader = make_loader(ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache),
-                               batch, train=True, workers=workers, sampler=train_sampler(config, parts["train"]))
-    val_loader = make_loader(ImageDataset.from_frame(parts["val"], eval_transform(pre), cache), batch, train=False,
-                             workers=workers)
+    train_set = ImageDataset.from_frame(parts["train"], train_transform(pre, config.augment), cache, encoding)
+    train_loader = make_loader(train_set, batch, train=True, workers=workers,
+                               sampler=train_sampler(config, parts["train"]))
+    val_loader = make_loader(ImageDataset.from_frame(parts["val"], eval_transform(pre), cache, encoding), batch,
+                             train=False, workers=workers)
 
     start = resume_from.get("lesionkit", {}).get("phase_index", 0) if resume_from else 0
     # metrics.csv is rewritten from the rows the checkpoint carries: epochs after it are dropped, to be re-run.
@@ -139,13 +145,14 @@ def record_run(config: Config, out: Path, split: pd.DataFrame, resume: bool) -> 
                          data=data_fingerprint(metadata, split), resume=resume)
 
 
-def build_module(config: Config, model: torch.nn.Module, train_part: pd.DataFrame
-                 ) -> tuple[LesionClassifier, Preprocessing]:
+def build_module(config: Config, model: torch.nn.Module, train_part: pd.DataFrame,
+                 encoding: ClinicalEncoding | None = None) -> tuple[LesionClassifier, Preprocessing]:
     """The Lightning module around ``model``, with class weights from ``train_part``, and the network's
-    preprocessing."""
+    preprocessing. The checkpoint's metadata carries the ``encoding`` of a model that reads clinical metadata."""
     pre = Preprocessing.from_model_config(timm.data.resolve_model_data_config(model), config.data.image_size)
     weights = class_weights(np.array([CLASSES.index(d) for d in train_part["dx"]]), config.train.class_weights)
-    meta = checkpoint_meta(config.model.name, pre, config=config.to_dict(), pool=config.model.pool)
+    meta = checkpoint_meta(config.model.name, pre, config=config.to_dict(), pool=config.model.pool,
+                           metadata=encoding.to_dict() if encoding else None)
     module = LesionClassifier(model, config.train.phases, weights, meta, config.train.label_smoothing,
                               config.train.loss, config.train.focal_gamma, mixing(config))
     if config.train.compile:
