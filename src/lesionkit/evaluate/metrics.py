@@ -28,7 +28,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     ids = list(range(len(classes)))
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
         labels, predictions, labels=ids, zero_division=0)
-    specificity = multiclass_specificity(torch.from_numpy(predictions), torch.from_numpy(labels),
+    # torch.tensor copies: an array from pandas may be read-only, which torch.from_numpy warns of.
+    specificity = multiclass_specificity(torch.tensor(predictions), torch.tensor(labels),
                                          num_classes=len(classes), average=None).numpy()
     per_class = {}
     for i, name in enumerate(classes):
