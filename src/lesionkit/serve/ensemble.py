@@ -114,21 +114,29 @@ class EnsembleClassifier:
         self.eval_transform = getattr(first, "eval_transform", None)
 
     @classmethod
-    def load(cls, path: Path, device: str = "cpu") -> EnsembleClassifier:
-        """The members of the manifest ``path`` under PyTorch, each with its own fitted temperature."""
+    def from_checkpoints(cls, checkpoints: list[Path], device: str = "cpu", calibration: Calibration = Calibration(),
+                         meta: dict | None = None) -> EnsembleClassifier:
+        """The ``checkpoints`` under PyTorch, each with its own fitted temperature (refused without one)."""
         from lesionkit.serve.torch_classifier import TorchClassifier
 
-        manifest, checkpoints = read_manifest(path)
         members = [TorchClassifier.load(checkpoint, device) for checkpoint in checkpoints]
         for checkpoint, member in zip(checkpoints, members, strict=True):
             if member.calibration.temperature is None:
-                raise LesionkitError(f"{path}: member {checkpoint} has no fitted temperature, and the ensemble "
+                raise LesionkitError(f"ensemble member {checkpoint} has no fitted temperature, and the ensemble "
                                      f"averages calibrated probabilities; fit it with {refit_command(checkpoint)}")
-        if list(manifest["classes"]) != list(members[0].classes):
+        return cls(members, calibration, meta)
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu") -> EnsembleClassifier:
+        """The members of the manifest ``path``, with the ensemble's record that the manifest carries."""
+        manifest, checkpoints = read_manifest(path)
+        ensemble = cls.from_checkpoints(checkpoints, device, Calibration.from_entry(manifest.get("calibration"),
+                                                                                    str(path)),
+                                        {"members": manifest["members"], "manifest": str(path)})
+        if list(manifest["classes"]) != ensemble.classes:
             raise LesionkitError(f"{path} names classes {manifest['classes']}, its members predict "
-                                 f"{members[0].classes}")
-        return cls(members, Calibration.from_entry(manifest.get("calibration"), str(path)),
-                   {"members": manifest["members"], "manifest": str(path)})
+                                 f"{ensemble.classes}")
+        return ensemble
 
     def transform(self, image: Image.Image) -> np.ndarray:
         return self.members[0].transform(image)
