@@ -164,6 +164,8 @@ def test_the_same_command_again_skips_every_fold_and_other_settings_are_refused(
     assert "train.seed differ" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--resume"]) == 1
     assert "holds a cross-validation" in capsys.readouterr().err
+    assert main([*argv, "--split-file", str(run / "fold-1" / "split.csv")]) == 1
+    assert "--folds makes each fold's split itself" in capsys.readouterr().err
 
 
 def test_a_manifest_whose_member_changed_is_refused(folds_run, tmp_path, capsys):

@@ -81,6 +81,9 @@ def fold_config(config: Config, fold: Path) -> Config:
 def start(config: Config, out: Path, folds: int, resume: bool) -> list[int]:
     """Check that ``out`` is free, or holds this very cross-validation (the same K and settings); record it.
     Returns the folds finished so far."""
+    if config.split.split_file:
+        raise LesionkitError(f"--folds makes each fold's split itself; drop split.split_file "
+                             f"({config.split.split_file}) or train without --folds")
     path = out / FOLDS_NAME
     if not path.is_file():
         if resume:
