@@ -4,7 +4,7 @@ import pytest
 from helpers import assert_no_lesion_leak
 from lesionkit import LesionkitError
 from lesionkit.data.metadata import load_dataset, read_metadata
-from lesionkit.data.split import make_split, read_split, save_split
+from lesionkit.data.split import check_folds, make_folds, make_split, read_split, save_split
 
 
 def test_split_keeps_lesions_whole_and_is_seeded(ham_folder):
@@ -14,6 +14,31 @@ def test_split_keeps_lesions_whole_and_is_seeded(ham_folder):
     assert set(split["split"]) == {"train", "val", "test"}
     assert split.equals(make_split(frame, 0.2, 0.2, seed=3))
     assert not split.equals(make_split(frame, 0.2, 0.2, seed=4))
+
+
+def test_folds_validate_every_non_test_lesion_once_and_share_the_single_runs_test_part(ham_folder):
+    frame = load_dataset(ham_folder, decode=False).frame
+    splits = make_folds(frame, 3, 0.25, seed=7)
+    single = make_split(frame, 0.2, 0.25, seed=7)
+    test = set(single.loc[single["split"] == "test", "image_id"])
+    assert test, "no test part: the test proves nothing"
+    validated = []
+    for split in splits:
+        assert_no_lesion_leak(split, ham_folder / "HAM10000_metadata.csv")
+        assert list(split["image_id"]) == list(frame["image_id"])  # one row order: one image cache
+        assert set(split.loc[split["split"] == "test", "image_id"]) == test
+        validated += list(split.loc[split["split"] == "val", "lesion_id"].unique())
+    rest = set(frame.loc[~frame["image_id"].isin(test), "lesion_id"])
+    assert sorted(validated) == sorted(rest), "every non-test lesion in exactly one fold's validation part"
+    assert not rest & set(frame.loc[frame["image_id"].isin(test), "lesion_id"])
+
+    doctored = [split.copy() for split in splits]
+    lesion = doctored[0].loc[doctored[0]["split"] == "val", "lesion_id"].iloc[0]
+    doctored[1].loc[doctored[1]["lesion_id"] == lesion, "split"] = "val"
+    with pytest.raises(LesionkitError, match=f"{lesion} lie in more than one fold's validation part"):
+        check_folds(doctored)
+    with pytest.raises(LesionkitError, match="at least 2 folds"):
+        make_folds(frame, 1, 0.25, seed=7)
 
 
 def test_real_split_is_grouped_and_stratified(real_data):

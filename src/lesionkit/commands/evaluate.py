@@ -17,10 +17,13 @@ from lesionkit.data.split import PARTS, read_split
 from lesionkit.evaluate.bootstrap import BootstrapSettings
 from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.files import file_hash
+from lesionkit.serve.ensemble import manifest_for, run_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a checkpoint written by `lesionkit train`, or an ensemble: RUN/ensemble.json of "
+                             "`lesionkit train --folds K` (or that RUN folder)")
     source = parser.add_argument_group("images: a HAM10000 folder, or --images with --labels")
     source.add_argument("--data-dir", type=Path, help="folder with HAM10000_metadata.csv and images")
     source.add_argument("--metadata", type=Path, help="metadata CSV (default: HAM10000_metadata.csv in --data-dir)")
@@ -101,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
                              "--split val (never fit it on test or external data)")
     bootstrap = BootstrapSettings(args.bootstrap, args.seed) if args.bootstrap else None
     settings = EvalSettings(args.batch_size, args.workers, args.device, args.tta, bootstrap, args.gallery)
+    args.checkpoint = manifest_for(args.checkpoint) or args.checkpoint
     images, part = select_images(args)
-    out = args.out or args.checkpoint.resolve().parent.parent / f"evaluate-{part}{'-tta' if args.tta else ''}"
+    out = args.out or run_folder(args.checkpoint) / f"evaluate-{part}{'-tta' if args.tta else ''}"
     report = evaluate_frame(args.checkpoint, images, out, settings, fit_temperature_here=fit,
                             melanoma_sensitivity=sensitivity)
     ci, ece = report.interval("balanced_accuracy"), report.ece

@@ -35,8 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_classifier(checkpoint: Path, device: str):
-    """The network to explain: the PyTorch classifier of ``checkpoint``."""
+    """The network to explain: the PyTorch classifier of ``checkpoint``. An ensemble is refused: Grad-CAM maps one
+    network's gradients, and an average of its members' maps would explain no network that answers."""
+    from lesionkit.serve.ensemble import manifest_for, read_manifest
     from lesionkit.serve.torch_classifier import TorchClassifier
+
+    manifest = manifest_for(checkpoint)
+    if manifest is not None:
+        _, members = read_manifest(manifest)
+        raise LesionkitError(f"{manifest} is an ensemble of {len(members)} networks, and Grad-CAM explains one: "
+                             f"explain a member, e.g. --checkpoint {members[0]}")
     return TorchClassifier.load(checkpoint, device)
 
 

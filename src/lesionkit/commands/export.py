@@ -10,7 +10,9 @@ TOLERANCE = 1e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by `lesionkit train`")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a checkpoint written by `lesionkit train`, or an ensemble: RUN/ensemble.json of "
+                             "`lesionkit train --folds K` (or that RUN folder), written as one graph of every member")
     parser.add_argument("--format", choices=("onnx",), default="onnx")
     parser.add_argument("--out", type=Path, help="file to write (default: the checkpoint's name with .onnx)")
     parser.add_argument("--check", nargs="*", type=Path, default=[], metavar="IMAGE_OR_FOLDER",
@@ -31,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lesionkit import LesionkitError
     from lesionkit.data.images import load_image
-    from lesionkit.serve.export import CHECK_BATCH, check_export, export_classifier
+    from lesionkit.serve.ensemble import load_torch_classifier, manifest_for
+    from lesionkit.serve.export import CHECK_BATCH, check_export, export_classifier, network
     from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
     from lesionkit.serve.predict import collect_images
-    from lesionkit.serve.torch_classifier import TorchClassifier
 
     if args.quantize and args.tta:
         raise LesionkitError("--quantize works on a plain export: drop --tta")
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     # A wrong path is named before anything is written.
     paths = collect_images(args.check) if args.check else []
     calibration = collect_images(args.calibrate) if args.calibrate else []
-    classifier = TorchClassifier.load(args.checkpoint, "cpu")
+    args.checkpoint = manifest_for(args.checkpoint) or args.checkpoint
+    classifier = load_torch_classifier(args.checkpoint, "cpu")
     out = export_classifier(classifier, args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
     served = OnnxClassifier(out)
     pre, turned = served.preprocessing, served.meta["turned"]
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         what = "4 random inputs"
         batches = [torch.randn(4, 3, pre.height, pre.width, generator=torch.Generator().manual_seed(0))]
-    difference, largest = check_export(classifier.model, served, batches, len(paths) or 4)
+    difference, largest = check_export(network(classifier), served, batches, len(paths) or 4)
     print(f"max |PyTorch - onnxruntime| logit difference on {what}{' and their 90-degree turns' if turned else ''}: "
           f"{difference:.2e} (logits up to {largest:.3g})")
     if difference > TOLERANCE:

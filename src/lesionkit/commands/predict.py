@@ -15,6 +15,7 @@ from lesionkit import LesionkitError
 from lesionkit.evaluate.record import refit_command
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
 from lesionkit.serve.answer import check_coverage, missing_parts
+from lesionkit.serve.ensemble import load_torch_classifier, manifest_for
 from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
 from lesionkit.serve.predict import Output, collect_images, predict_paths
 
@@ -47,10 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: bool):
-    """The classifier ``--backend`` names (by default, the one the checkpoint's suffix suggests)."""
+    """The classifier ``--backend`` names (by default, the one the checkpoint's suffix suggests): for an ensemble
+    manifest ``RUN/ensemble.json``, its members under PyTorch, or under onnxruntime the one graph that `lesionkit
+    export` wrote of them all (``RUN/ensemble.onnx``)."""
     if (backend or ("onnx" if checkpoint.suffix == ".onnx" else "torch")) == "torch":
-        from lesionkit.serve.torch_classifier import TorchClassifier  # torch and timm: only when they serve
-        return TorchClassifier.load(checkpoint, device)
+        return load_torch_classifier(checkpoint, device)  # torch and timm are imported only then
     classifier = OnnxClassifier(onnx_path_for(checkpoint))
     height, width = classifier.preprocessing.height, classifier.preprocessing.width
     if tta and height != width and not classifier.meta.get("turned"):
@@ -118,6 +120,7 @@ def table_columns(table: dict[str, dict]) -> dict[str, list]:
 
 def run(args: argparse.Namespace) -> int:
     args.checkpoint = checkpoint_or_default(args.checkpoint, onnx=args.backend == "onnx")
+    args.checkpoint = manifest_for(args.checkpoint) or args.checkpoint  # an ensemble's folder: its manifest
     classifier = load_classifier(args.checkpoint, args.backend, args.device, args.tta)
     if args.coverage is not None:
         check_coverage(classifier, args.coverage, str(args.checkpoint))

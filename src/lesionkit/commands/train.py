@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings (see configs/); default: the built-in B1 recipe")
     parser.add_argument("--out", required=True, type=Path, help="run folder to write (must not hold another run)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--folds", type=int, metavar="K",
+                        help="cross-validation: K runs on lesion-grouped folds of the non-test part (--out/fold-N), "
+                             "their out-of-fold estimate (cv.json) and their ensemble (ensemble.json); the same "
+                             "command again, or with --resume, skips finished folds")
     group = parser.add_argument_group("settings (shorthands for --set KEY=VALUE)")
 
     def setting(flag: str, key: str, help: str, **options) -> None:
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, changes)
     if config.data.data_dir is None:
         raise LesionkitError("no data folder: pass --data-dir (or set data.data_dir in the config)")
+    if args.folds is not None:
+        return cross_validate(config, args)
     try:
         report = train(config, args.out, resume=args.resume)
     except KeyboardInterrupt:
@@ -68,4 +74,20 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if report:
         print(f"\nValidation (best checkpoint): {report.headline()}\nRun folder: {args.out}")
+    return 0
+
+
+def cross_validate(config, args: argparse.Namespace) -> int:
+    """``--folds K``: every fold, then the out-of-fold estimate in one line."""
+    from lesionkit.evaluate.crossval import cv_line
+    from lesionkit.train.folds import train_folds
+
+    try:
+        cv = train_folds(config, args.out, args.folds, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished folds are kept, and the fold under way keeps its last finished epoch. Continue "
+              f"with: lesionkit train --folds {args.folds} --out {args.out} --resume", file=sys.stderr)
+        return 130
+    if cv:
+        print(f"\n{cv_line(cv)}\nRun folder: {args.out} (ensemble: {args.out / 'ensemble.json'})")
     return 0

@@ -35,21 +35,74 @@ def _hold_out(frame: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def make_split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
-    """Assign each image to ``train``, ``val`` or ``test``, keeping lesions whole.
-
-    Test is carved out first; validation then takes its share of the whole from what is left.
-    """
+def _carve_test(frame: pd.DataFrame, test_fraction: float, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The split frame (every image ``train``, but the test part when ``test_fraction`` > 0) and the mask of the
+    rest: the one place a test part is carved, for a single split and for cross-validation's folds alike."""
     split = frame[SPLIT_COLUMNS[:3]].copy().reset_index(drop=True)
     split["split"] = "train"
     rest = np.ones(len(split), dtype=bool)
     if test_fraction > 0:
         rest = ~_hold_out(split, test_fraction, seed)
         split.loc[~rest, "split"] = "test"
+    return split, rest
+
+
+def make_split(frame: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+    """Assign each image to ``train``, ``val`` or ``test``, keeping lesions whole.
+
+    Test is carved out first; validation then takes its share of the whole from what is left.
+    """
+    split, rest = _carve_test(frame, test_fraction, seed)
     val = _hold_out(split[rest], val_fraction / (1 - test_fraction), seed)
     split.loc[split.index[rest][val], "split"] = "val"
     check_split(split)
     return split
+
+
+def make_folds(frame: pd.DataFrame, folds: int, test_fraction: float, seed: int) -> list[pd.DataFrame]:
+    """``folds`` splits for cross-validation: the test part carved as :func:`make_split` carves it (the same in
+    every fold), the rest cut into ``folds`` lesion-grouped, class-stratified folds (``StratifiedGroupKFold``);
+    split N validates on fold N and trains on the others. Rows keep ``frame``'s order in every split, so that
+    the folds share one image cache."""
+    if folds < 2:
+        raise LesionkitError(f"--folds {folds}: cross-validation needs at least 2 folds (5 is usual)")
+    base, rest = _carve_test(frame, test_fraction, seed)
+    lesions = base.loc[rest, "lesion_id"].nunique()
+    if lesions < folds:
+        raise LesionkitError(f"only {lesions} lesion(s) outside the test part for --folds {folds}: use fewer folds "
+                             f"or more lesions (data.per_class_limit)")
+    kept = base[rest]
+    cuts = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = []
+    for _, held in cuts.split(kept, kept["dx"], groups=kept["lesion_id"]):
+        split = base.copy()
+        split.loc[kept.index[held], "split"] = "val"
+        splits.append(split)
+    check_folds(splits)
+    return splits
+
+
+def check_folds(splits: list[pd.DataFrame]) -> None:
+    """Refuse folds that are not a cross-validation: each split must pass :func:`check_split`, all must hold the
+    same images and the same test part, and every other lesion must be validated in exactly one fold."""
+    for n, split in enumerate(splits, 1):
+        check_split(split, f"fold {n}'s split")
+    first = splits[0].set_index("image_id")["split"]
+    for n, split in enumerate(splits[1:], 2):
+        parts = split.set_index("image_id")["split"]
+        if set(parts.index) != set(first.index) or \
+                (parts.eq("test").to_numpy() != first.loc[parts.index].eq("test").to_numpy()).any():
+            raise LesionkitError(f"fold {n}'s split differs from fold 1's in its images or its test part: the "
+                                 f"folds must share both")
+    val = pd.concat([split.loc[split["split"] == "val", "lesion_id"].drop_duplicates() for split in splits])
+    twice = val[val.duplicated()].unique()
+    if len(twice):
+        raise LesionkitError(f"lesion(s) {', '.join(map(str, twice[:10]))} lie in more than one fold's validation "
+                             f"part ({len(twice)} lesions)")
+    never = set(splits[0].loc[splits[0]["split"] != "test", "lesion_id"]) - set(val)
+    if never:
+        raise LesionkitError(f"lesion(s) {', '.join(sorted(never)[:10])} lie in no fold's validation part "
+                             f"({len(never)} lesions)")
 
 
 def check_split(split: pd.DataFrame, source: str = "the split") -> None:

@@ -51,6 +51,25 @@ def fit_and_save_calibration(checkpoint: Path, logits: np.ndarray, features: np.
     return replace(calibration, source=str(path))
 
 
+def fit_ensemble_calibration(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], first: Calibration,
+                             title: str) -> Calibration:
+    """An ensemble's record, from out-of-fold ``probabilities`` (each image's from the fold model that did not
+    train on it, calibrated): temperature 1 (the members' own temperatures are in the average already), the APS
+    scores and the melanoma threshold at ``first``'s sensitivity, and ``first``'s out-of-distribution detector,
+    since the ensemble serves the first member's features and that member's detector was fitted on its validation
+    fold.
+
+    The ensemble is not the model that scored each image, so these are not exactly its own validation scores:
+    the ensemble's prediction sets and referral need measuring on held-out images (the test report's sections).
+    """
+    sensitivity = (first.melanoma or {}).get("sensitivity") or REFERRAL_SENSITIVITY
+    return Calibration(
+        1.0, aps_scores(probabilities, labels), first.ood, melanoma_referral(labels, probabilities, classes,
+                                                                              sensitivity),
+        {"fitted_on": title, "images": len(labels),
+         "ood_fitted_on": "the first member's validation fold (the ensemble serves that member's features)"})
+
+
 def decision_sections(labels: np.ndarray, logits: np.ndarray, features: np.ndarray, calibration: Calibration,
                       classes: list[str], fitted_here: bool) -> tuple[dict | None, dict | None, dict | None]:
     """On labelled images (the plain view's ``logits`` and ``features``): the prediction sets at

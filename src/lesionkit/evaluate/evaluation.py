@@ -32,6 +32,7 @@ from lesionkit.evaluate.render import write_report
 from lesionkit.evaluate.report import Report, build_report, headline, lesion_level, write_predictions
 from lesionkit.evaluate.subgroups import subgroup_metrics
 from lesionkit.serve.classifier import VIEW_NAMES, Classifier, average_probabilities, view_outputs
+from lesionkit.serve.ensemble import load_torch_classifier, manifest_for, run_folder
 from lesionkit.serve.torch_classifier import TorchClassifier
 
 
@@ -127,7 +128,7 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
     if lesions_known:
         report.lesion_level = lesion_level(labels, probabilities, groups, classifier.classes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = checkpoint.resolve().parent.parent
+    run_dir = run_folder(checkpoint)
     bins = report.calibration["reliability"]
     report.figures = report_figures(
         out_dir, labels, probabilities, classifier.classes,
@@ -153,10 +154,14 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
 
 
 def load_classifier(checkpoint: Path, device: str, fitting: bool) -> Classifier:
-    """PyTorch's classifier of a checkpoint, or onnxruntime's of an export (``X.onnx``: to measure a quantised
-    file), whose record is fitted on its checkpoint, never on itself."""
+    """PyTorch's classifier of a checkpoint or of an ensemble manifest (``RUN/ensemble.json``), or onnxruntime's
+    of an export (``X.onnx``: to measure a quantised file), whose record is fitted on its checkpoint, never on
+    itself; an ensemble's is fitted on its folds' out-of-fold predictions, when ``train --folds`` ends."""
+    if fitting and manifest_for(checkpoint) is not None:
+        raise LesionkitError(f"{checkpoint} is an ensemble: its record is fitted on its folds' out-of-fold "
+                             f"predictions by `lesionkit train --folds K --out RUN --resume`, not on one part")
     if checkpoint.suffix != ".onnx":
-        return TorchClassifier.load(checkpoint, device)
+        return load_torch_classifier(checkpoint, device)
     if fitting:
         raise LesionkitError(f"{checkpoint} is an export: fit the record on the checkpoint it was exported from "
                              f"({checkpoint.with_suffix('.ckpt')}), then export again")

@@ -5,13 +5,14 @@ check that onnxruntime's logits are PyTorch's.
 The file takes ``image`` (and, for a model that reads clinical metadata, ``metadata``: the encoded rows of
 :mod:`lesionkit.data.clinical`). It has two outputs: ``logits``, and ``features``, the pooled pre-logit features that
 the record's out-of-distribution detector scores (:mod:`lesionkit.evaluate.ood`), so that both backends flag the same
-images.
+images. An ensemble is one graph holding every member: ``logits`` is the log of their mean calibrated probability.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.files import atomic_write
 from lesionkit.model.checkpoint import checkpoint_meta
 from lesionkit.model.network import MetadataHead
+from lesionkit.serve.ensemble import EnsembleClassifier
 from lesionkit.serve.onnx_classifier import METADATA_KEY, OnnxClassifier
 from lesionkit.serve.onnx_graph import either_orientation, export_form, name_gate_batches
 
@@ -34,7 +36,8 @@ CHECK_BATCH = 32
 
 
 def export_model(model: torch.nn.Module, pre: Preprocessing, meta: dict, out: Path, turned: bool = False) -> Path:
-    """Write ``model`` (eval mode, on the CPU) to ``out`` with a dynamic batch axis and ``meta`` as metadata.
+    """Write ``model`` (a timm network or an :class:`Averaged` ensemble; eval mode, on the CPU) to ``out`` with a
+    dynamic batch axis and ``meta`` as metadata.
 
     ``turned`` also serves the input turned by 90 degrees (width x height), as test-time augmentation feeds it:
     a second graph for that size, chosen by the input's height (the file is twice the size)."""
@@ -58,8 +61,8 @@ def _graph(model: torch.nn.Module, height: int, width: int):
     import onnx
 
     buffer = io.BytesIO()
-    fused = isinstance(model.get_classifier(), MetadataHead)
-    inputs = (torch.zeros(1, 3, height, width),) + ((model.get_classifier().unknown.clone(),) if fused else ())
+    head = (model.members[0] if isinstance(model, Averaged) else model).get_classifier()
+    inputs = (torch.zeros(1, 3, height, width),) + ((head.unknown.clone(),) if isinstance(head, MetadataHead) else ())
     names = ["image", "metadata"][:len(inputs)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice and tracer warnings
@@ -76,25 +79,60 @@ def _graph(model: torch.nn.Module, height: int, width: int):
 class WithFeatures(torch.nn.Module):
     """``model``'s logits and its pooled pre-logit features, from one pass (timm's ``forward_head(pre_logits=True)``
     and the classifier on it: ``model(x)``'s logits); a model with a metadata head takes its metadata as a second
-    input."""
+    input; an :class:`Averaged` ensemble gives its own."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor, *metadata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.model, Averaged):
+            return self.model.logits_and_features(x, *metadata)
         features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         return self.model.get_classifier()(features, *metadata), features
 
 
+class Averaged(torch.nn.Module):
+    """An ensemble's networks as one: ``forward`` gives the log of the members' mean probability, each member's
+    at its own temperature (:meth:`lesionkit.serve.ensemble.EnsembleClassifier.combine`, in torch), as a timm
+    network gives its logits; the file also serves the first member's pooled features, which the ensemble's
+    out-of-distribution detector reads."""
+
+    def __init__(self, members: list[torch.nn.Module], temperatures: list[float]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, *metadata: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_features(x, *metadata)[0]
+
+    def logits_and_features(self, x: torch.Tensor, *metadata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = WithFeatures(self.members[0])(x, *metadata)
+        rest = (WithFeatures(member)(x, *metadata)[0] for member in self.members[1:])
+        every = torch.stack([logits, *rest])  # (members, n, classes)
+        logs = torch.log_softmax(every.float() / self.temperatures[:, None, None], dim=-1)
+        return torch.logsumexp(logs, dim=0) - math.log(len(self.members)), features
+
+
+def network(classifier) -> torch.nn.Module:
+    """The torch module whose output is ``classifier``'s logits: a :class:`TorchClassifier`'s network, or an
+    :class:`lesionkit.serve.ensemble.EnsembleClassifier`'s members as :class:`Averaged`."""
+    if isinstance(classifier, EnsembleClassifier):
+        return Averaged([network(member) for member in classifier.members],
+                        [member.temperature for member in classifier.members]).eval()
+    return classifier.model
+
+
 def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = False) -> Path:
     """Write the network of ``classifier`` (a :class:`lesionkit.serve.torch_classifier.TorchClassifier` of
-    ``checkpoint``) to ``out``, carrying its classes, preprocessing and calibration record (temperature too, on
-    its own, for readers from before the record)."""
+    ``checkpoint``, or an ensemble of them in one graph) to ``out``, carrying its classes, preprocessing and
+    calibration record (temperature too, on its own, for readers from before the record)."""
+    ensemble = {key: classifier.meta[key] for key in ("kind", "members") if key in classifier.meta}
     meta = checkpoint_meta(classifier.meta["model_name"], classifier.preprocessing, classifier.classes,
                            temperature=float(classifier.temperature), checkpoint=str(checkpoint),
-                           calibration=classifier.calibration.to_entry(), metadata=classifier.meta.get("metadata"))
-    return export_model(classifier.model, classifier.preprocessing, meta, out, turned)
+                           calibration=classifier.calibration.to_entry(), metadata=classifier.meta.get("metadata"),
+                           **ensemble)
+    return export_model(network(classifier), classifier.preprocessing, meta, out, turned)
 
 
 @torch.inference_mode()

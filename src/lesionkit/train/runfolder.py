@@ -23,6 +23,7 @@ from lesionkit.files import atomic_write_text, disk_error, file_hash
 
 LOCK_NAME = ".lock"
 PROVENANCE_NAME = "provenance.json"
+FOLDS_NAME = "folds.json"  # what marks a cross-validation's folder (lesionkit.train.folds)
 LIBRARIES = ("torch", "torchvision", "lightning", "timm", "torchmetrics", "numpy", "pandas", "scikit-learn",
              "pillow")
 
@@ -36,6 +37,9 @@ def prepare_out_dir(out: Path, resume: bool, rank: int = 0) -> bool:
     """
     if rank > 0:
         return resume and (out / "checkpoints" / "last.ckpt").is_file()
+    if (out / FOLDS_NAME).is_file():
+        raise LesionkitError(f"{out} holds a cross-validation (its {FOLDS_NAME}), not a single run: continue it with "
+                             f"`lesionkit train --folds K --out {out} --resume`, or choose another --out")
     if resume:
         if (out / "checkpoints" / "last.ckpt").is_file():
             return True

@@ -1,0 +1,174 @@
+"""Several trained networks served as one classifier: the members of ``lesionkit train --folds K`` named in an
+ensemble manifest, ``RUN/ensemble.json``.
+
+The manifest lists each member's checkpoint (relative to the manifest) with its SHA-256, the classes and the
+preprocessing they share, and the ensemble's own calibration record (fitted on the out-of-fold predictions,
+:func:`lesionkit.evaluate.decisions.fit_ensemble_calibration`). A member that is missing or whose file changed
+is refused, naming the file. :class:`EnsembleClassifier` averages the members' probabilities, each at its own
+fitted temperature, and gives the log of that mean as its logits at temperature 1, so that everything written
+for one classifier (predict, evaluate, the report, test-time views, export) serves an ensemble unchanged.
+
+NumPy and the standard library at import: ``predict --backend onnx`` imports this module to find a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lesionkit import LesionkitError
+from lesionkit.data.preprocessing import Preprocessing
+from lesionkit.evaluate.record import Calibration, refit_command
+from lesionkit.files import atomic_write_text, file_hash
+
+MANIFEST_NAME = "ensemble.json"
+KIND = "lesionkit-ensemble"
+COMBINATION = "mean of the members' probabilities, each at its own fitted temperature; logits = log(mean), T = 1"
+
+
+def manifest_for(path: Path) -> Path | None:
+    """The manifest that ``--checkpoint path`` names: ``path`` itself when it is a ``.json`` file, ``path /
+    ensemble.json`` for a folder; None for anything else (a checkpoint, an export)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST_NAME).is_file():
+            raise LesionkitError(f"{path} is a folder without {MANIFEST_NAME}: give a checkpoint "
+                                 f"(RUN/checkpoints/best.ckpt) or the folder of a `lesionkit train --folds` run")
+        return path / MANIFEST_NAME
+    return path if path.suffix == ".json" else None
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run a checkpoint belongs to: ``RUN`` for ``RUN/checkpoints/best.ckpt`` and for ``RUN/ensemble.json``."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent if checkpoint.suffix == ".json" else checkpoint.parent.parent
+
+
+def write_manifest(path: Path, checkpoints: list[Path], classes: list[str], preprocessing: Preprocessing,
+                   calibration: Calibration, **extra) -> Path:
+    """Write the manifest of the members ``checkpoints`` (each under ``path``'s folder) with their hashes."""
+    members = [{"checkpoint": Path(c).resolve().relative_to(path.parent.resolve()).as_posix(),
+                "sha256": file_hash(c, "sha256")} for c in checkpoints]
+    manifest = {"kind": KIND, "members": members, "classes": list(classes),
+                "preprocessing": preprocessing.to_dict(), "combination": COMBINATION,
+                "calibration": calibration.to_entry(), **extra}
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n", "ensemble manifest")
+    return path
+
+
+def read_manifest(path: Path) -> tuple[dict, list[Path]]:
+    """The manifest at ``path`` and its members' paths, each checked to exist with the hash it was written with."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LesionkitError(f"ensemble manifest {path} does not exist: check --checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LesionkitError(f"{path} is not an ensemble manifest (not JSON: {err})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND or not manifest.get("members"):
+        raise LesionkitError(f"{path} is not a lesionkit ensemble manifest (kind {KIND!r} with members): write "
+                             f"one with `lesionkit train --folds K`")
+    members = []
+    for member in manifest["members"]:
+        checkpoint = Path(path).parent / member["checkpoint"]
+        if not checkpoint.is_file():
+            raise LesionkitError(f"{path}: member {checkpoint} does not exist; the ensemble needs every member "
+                                 f"(rerun `lesionkit train --folds K --out {Path(path).parent} --resume`)")
+        if file_hash(checkpoint, "sha256") != member["sha256"]:
+            raise LesionkitError(f"{path}: member {checkpoint} is not the file the manifest was written for (its "
+                                 f"SHA-256 differs): it was retrained or replaced; write the manifest again with "
+                                 f"`lesionkit train --folds K --out {Path(path).parent} --resume`")
+        members.append(checkpoint)
+    return manifest, members
+
+
+class EnsembleClassifier:
+    """Members that share classes and preprocessing, behind the :class:`lesionkit.serve.classifier.Classifier`
+    interface: the mean of their calibrated probabilities, as ``logits = log(mean)`` with ``temperature = 1``.
+
+    ``features_and_logits`` gives the first member's pooled features, which the record's out-of-distribution
+    detector was fitted on (that member's own, from its validation fold).
+    """
+
+    temperature = 1.0
+
+    def __init__(self, members: list, calibration: Calibration = Calibration(), meta: dict | None = None):
+        first = members[0]
+        for n, member in enumerate(members[1:], 2):
+            if list(member.classes) != list(first.classes):
+                raise LesionkitError(f"ensemble member {n} predicts {member.classes}, member 1 {first.classes}: "
+                                     f"members must share their classes")
+            if member.preprocessing.to_dict() != first.preprocessing.to_dict():
+                raise LesionkitError(f"ensemble member {n} sees images as {member.preprocessing.to_dict()}, member "
+                                     f"1 as {first.preprocessing.to_dict()}: members must share their preprocessing")
+            if member.encoding != first.encoding:
+                raise LesionkitError(f"ensemble member {n} reads clinical metadata as {member.encoding}, member 1 as "
+                                     f"{first.encoding}: members must share how they read it")
+        self.members, self.calibration = members, calibration
+        self.classes, self.preprocessing, self.encoding = list(first.classes), first.preprocessing, first.encoding
+        names = sorted({member.meta["model_name"] for member in members})
+        self.meta = {"kind": KIND, "model_name": f"ensemble of {len(members)} {', '.join(names)}",
+                     "classes": self.classes, "preprocessing": first.preprocessing.to_dict(),
+                     "config": first.meta.get("config"), "metadata": first.meta.get("metadata"), **(meta or {})}
+        self.temperature_source = calibration.source
+        # The loader's picklable torchvision transform, where the members have one (lesionkit.evaluate.evaluation).
+        self.eval_transform = getattr(first, "eval_transform", None)
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: list[Path], device: str = "cpu", calibration: Calibration = Calibration(),
+                         meta: dict | None = None) -> EnsembleClassifier:
+        """The ``checkpoints`` under PyTorch, each with its own fitted temperature (refused without one)."""
+        from lesionkit.serve.torch_classifier import TorchClassifier
+
+        members = [TorchClassifier.load(checkpoint, device) for checkpoint in checkpoints]
+        for checkpoint, member in zip(checkpoints, members, strict=True):
+            if member.calibration.temperature is None:
+                raise LesionkitError(f"ensemble member {checkpoint} has no fitted temperature, and the ensemble "
+                                     f"averages calibrated probabilities; fit it with {refit_command(checkpoint)}")
+        return cls(members, calibration, meta)
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu") -> EnsembleClassifier:
+        """The members of the manifest ``path``, with the ensemble's record that the manifest carries."""
+        manifest, checkpoints = read_manifest(path)
+        ensemble = cls.from_checkpoints(checkpoints, device, Calibration.from_entry(manifest.get("calibration"),
+                                                                                    str(path)),
+                                        {"members": manifest["members"], "manifest": str(path)})
+        if list(manifest["classes"]) != ensemble.classes:
+            raise LesionkitError(f"{path} names classes {manifest['classes']}, its members predict "
+                                 f"{ensemble.classes}")
+        return ensemble
+
+    def transform(self, image: Image.Image) -> np.ndarray:
+        return self.members[0].transform(image)
+
+    def combine(self, member_logits: list[np.ndarray]) -> np.ndarray:
+        """``log(mean_k softmax(logits_k / T_k))``, through log-softmax and log-sum-exp so that no probability
+        underflows to a logit of minus infinity; float32 like every backend's logits."""
+        logs = []
+        for logits, member in zip(member_logits, self.members, strict=True):
+            scaled = np.asarray(logits, dtype=np.float64) / member.temperature
+            logs.append(scaled - np.logaddexp.reduce(scaled, axis=-1, keepdims=True))
+        return (np.logaddexp.reduce(np.stack(logs), axis=0) - np.log(len(logs))).astype(np.float32)
+
+    def logits(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        return self.combine([member.logits(batch, metadata) for member in self.members])
+
+    def features_and_logits(self, batch: np.ndarray, metadata: np.ndarray | None = None
+                            ) -> tuple[np.ndarray | None, np.ndarray]:
+        """The first member's pooled features (what the out-of-distribution detector reads) and the ensemble's
+        logits; the first member's logits come from the same pass as its features."""
+        features, first = self.members[0].features_and_logits(batch, metadata)
+        return features, self.combine([first, *(member.logits(batch, metadata) for member in self.members[1:])])
+
+
+def load_torch_classifier(checkpoint: Path, device: str = "cpu"):
+    """What ``--checkpoint`` names under PyTorch: a checkpoint's :class:`TorchClassifier`, or the
+    :class:`EnsembleClassifier` of a manifest (or of a folder holding ``ensemble.json``)."""
+    manifest = manifest_for(checkpoint)
+    if manifest is not None:
+        return EnsembleClassifier.load(manifest, device)
+    from lesionkit.serve.torch_classifier import TorchClassifier
+    return TorchClassifier.load(checkpoint, device)

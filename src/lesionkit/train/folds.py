@@ -1,0 +1,159 @@
+"""Cross-validation: K ordinary runs on lesion-grouped, class-stratified folds of the non-test part, their
+out-of-fold estimate, and the K models as one ensemble.
+
+``lesionkit train --folds K --out RUN`` writes::
+
+    RUN/config.yaml     the settings every fold trains with (split.val_fraction unused: a fold is 1/K)
+    RUN/folds.json      K and the folds finished: what a rerun (with or without --resume) continues
+    RUN/fold-N/         a normal run folder; its split.csv (fold N: val, the other folds: train, the test part
+                        as a single run carves it) is written first and passed as split.split_file
+    RUN/oof.csv, RUN/cv.json        the out-of-fold predictions and the estimate (lesionkit.evaluate.crossval)
+    RUN/ensemble.json   the K best checkpoints as one classifier (lesionkit.serve.ensemble)
+    RUN/test/           with split.test_fraction > 0 and split.evaluate_test: the ensemble's test report, once
+
+No fold measures the test part (each sets split.evaluate_test false) and nothing is chosen on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from lesionkit import CLASSES, LesionkitError
+from lesionkit.config import Config, load_config, save_config
+from lesionkit.data.metadata import limit_per_class
+from lesionkit.data.split import check_folds, make_folds, read_split, save_split
+from lesionkit.evaluate.crossval import CV_NAME, OOF_NAME, cv_estimate, fold_folder, oof_arrays, out_of_fold
+from lesionkit.evaluate.decisions import fit_ensemble_calibration
+from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
+from lesionkit.files import atomic_write_csv, atomic_write_text
+from lesionkit.serve.ensemble import MANIFEST_NAME, EnsembleClassifier, write_manifest
+from lesionkit.train.loop import train
+from lesionkit.train.prepare import check_data
+from lesionkit.train.runfolder import FOLDS_NAME, run_lock
+
+KIND = "lesionkit-cross-validation"
+
+
+def train_folds(config: Config, out: Path, folds: int, resume: bool = False) -> dict:
+    """Train every unfinished fold (an interrupted one from its last checkpoint), then write the out-of-fold
+    predictions, the estimate, the ensemble manifest and, where asked, the ensemble's test report. Returns the
+    estimate (``cv.json``'s content)."""
+    with run_lock(out) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        finished = start(config, out, folds, resume)
+        dataset = check_data(config)
+        frame = limit_per_class(dataset.usable, config.data.per_class_limit, config.split.seed)
+        splits = make_folds(frame, folds, config.split.test_fraction, config.split.seed)
+        for n, split in enumerate(splits, 1):
+            fold = fold_folder(out, n)
+            if n in finished:
+                print(f"Fold {n}/{folds}: finished ({fold}), skipped")
+                continue
+            begun = (fold / "config.yaml").is_file()
+            print(f"Fold {n}/{folds}: {'resuming' if begun else 'training'} {fold}")
+            if not begun:
+                fold.mkdir(parents=True, exist_ok=True)
+                save_split(split, fold / "split.csv")
+            report = train(fold_config(config, fold), fold, resume=begun)
+            if rank_zero_only.rank != 0:
+                continue
+            print(f"Fold {n}/{folds} validation (best checkpoint): {report.headline()}")
+            finished = sorted({*finished, n})
+            record(out, folds, finished)
+        if rank_zero_only.rank != 0:
+            return {}
+        return summarise(config, out, [read_split(fold_folder(out, n) / "split.csv", dataset.frame)
+                                       for n in range(1, folds + 1)], frame, sorted(dataset.problems))
+
+
+def fold_config(config: Config, fold: Path) -> Config:
+    """The settings of one fold: the base config on the fold's own split, without a test report."""
+    return replace(config, split=replace(config.split, split_file=str((fold / "split.csv").resolve()),
+                                         evaluate_test=False))
+
+
+def start(config: Config, out: Path, folds: int, resume: bool) -> list[int]:
+    """Check that ``out`` is free, or holds this very cross-validation (the same K and settings); record it.
+    Returns the folds finished so far."""
+    if config.split.split_file:
+        raise LesionkitError(f"--folds makes each fold's split itself; drop split.split_file "
+                             f"({config.split.split_file}) or train without --folds")
+    path = out / FOLDS_NAME
+    if not path.is_file():
+        if resume:
+            raise LesionkitError(f"--resume: {out} holds no cross-validation ({FOLDS_NAME}); nothing to resume")
+        if any((out / name).exists() for name in ("config.yaml", "metrics.csv", "checkpoints")):
+            raise LesionkitError(f"{out} already holds a single run, not a cross-validation: choose another --out")
+        record(out, folds, [])
+    held = json.loads(path.read_text())
+    if held["folds"] != folds:
+        raise LesionkitError(f"{out} holds a {held['folds']}-fold cross-validation, not {folds} folds: pass "
+                             f"--folds {held['folds']} to continue it, or choose another --out")
+    saved = out / "config.yaml"
+    if saved.is_file():
+        differ = differences(load_config(saved).to_dict(), config.to_dict())
+        if differ:
+            raise LesionkitError(f"{out} holds a cross-validation with other settings ({', '.join(differ[:8])} "
+                                 f"differ from {saved}): continue it with `lesionkit train --folds {folds} --out "
+                                 f"{out} --resume`, or choose another --out")
+    elif rank_zero_only.rank == 0:
+        save_config(config, saved)
+    return list(held["finished"])
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested settings dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += differences(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def record(out: Path, folds: int, finished: list[int]) -> None:
+    if rank_zero_only.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / FOLDS_NAME, json.dumps({"kind": KIND, "folds": folds, "finished": finished}) + "\n")
+
+
+def summarise(config: Config, out: Path, splits: list[pd.DataFrame], frame: pd.DataFrame, skipped: list[str]) -> dict:
+    """``oof.csv``, ``cv.json``, ``ensemble.json`` and the ensemble's test report, from the finished folds (their
+    split files as the runs wrote them)."""
+    check_folds(splits)  # no lesion in two folds' validation parts, one test part for all
+    classes, folds = list(CLASSES), len(splits)
+    oof = out_of_fold(out, splits)
+    atomic_write_csv(oof, out / OOF_NAME, "out-of-fold predictions", index=False, float_format="%.6f")
+    cv = {**cv_estimate(oof, classes), "validation_lesions_disjoint": True,
+          "test_images": int((splits[0]["split"] == "test").sum())}
+    atomic_write_text(out / CV_NAME, json.dumps(cv, indent=2) + "\n", "cross-validation estimate")
+
+    checkpoints = [fold_folder(out, n) / "checkpoints" / "best.ckpt" for n in range(1, folds + 1)]
+    ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
+    labels, probabilities = oof_arrays(oof, classes)
+    calibration = fit_ensemble_calibration(probabilities, labels, classes, ensemble.members[0].calibration,
+                                           f"out-of-fold predictions of {out.name}'s {folds} folds")
+    manifest = write_manifest(out / MANIFEST_NAME, checkpoints, classes, ensemble.preprocessing, calibration,
+                              folds=folds, cv=CV_NAME, oof=OOF_NAME)
+    print(f"Ensemble of {folds} folds: {manifest}")
+
+    test_ids = splits[0].loc[splits[0]["split"] == "test", "image_id"]
+    if len(test_ids) and config.split.evaluate_test:
+        # In the split's order and with its paths, as the folds cached the images.
+        trained_on = splits[0].merge(frame[["image_id", "path"]], on="image_id")
+        images = Images(frame[frame["image_id"].isin(test_ids)].reset_index(drop=True),
+                        f"test part of {out.name} (ensemble of {folds} folds)", skipped=skipped,
+                        trained_on=trained_on)
+        settings = EvalSettings(batch_size=config.data.batch_size, workers=config.data.num_workers,
+                                device="cuda" if torch.cuda.is_available() else "cpu")
+        report = evaluate_frame(manifest, images, out / "test", settings)
+        print(f"Test part (the ensemble, once): {report.headline()}")
+    return cv

@@ -1,0 +1,102 @@
+"""The ensemble classifier and its manifest, on fake checkpoints (no training): the averaged calibrated
+probabilities, the first member's features, and the manifests that must be refused."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import fake_checkpoint
+from lesionkit import CLASSES, LesionkitError
+from lesionkit.evaluate.record import Calibration, save_calibration
+from lesionkit.serve.classifier import probabilities, softmax
+from lesionkit.serve.ensemble import EnsembleClassifier, load_torch_classifier, write_manifest
+from lesionkit.serve.torch_classifier import TorchClassifier
+
+TEMPERATURES = (0.6, 2.5)  # far apart: an average at one shared temperature would not match
+
+
+def members(root: Path, temperatures=TEMPERATURES, classes=CLASSES) -> list[Path]:
+    checkpoints = []
+    for n, temperature in enumerate(temperatures, 1):
+        torch.manual_seed(n)  # each member its own weights
+        folder = root / f"fold-{n}" / "checkpoints"
+        folder.mkdir(parents=True)
+        checkpoint = fake_checkpoint(folder / "best.ckpt", classes=classes)
+        saved = torch.load(checkpoint, weights_only=True)
+        saved["state_dict"]["model.classifier.weight"] *= 500  # logits of a few units, not near-uniform answers
+        torch.save(saved, checkpoint)
+        if temperature is not None:
+            save_calibration(checkpoint, Calibration(temperature=temperature))
+        checkpoints.append(checkpoint)
+    return checkpoints
+
+
+def manifest(root: Path, checkpoints: list[Path]) -> Path:
+    first = TorchClassifier.load(checkpoints[0])
+    return write_manifest(root / "ensemble.json", checkpoints, first.classes, first.preprocessing, Calibration())
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    checkpoints = members(root)
+    return load_torch_classifier(manifest(root, checkpoints)), [TorchClassifier.load(c) for c in checkpoints]
+
+
+def batch(n: int = 5) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, 3, 48, 64)).astype(np.float32)
+
+
+def test_the_probabilities_are_the_mean_of_the_members_calibrated_ones(ensemble):
+    classifier, single = ensemble
+    assert [m.temperature for m in single] == list(TEMPERATURES) and classifier.temperature == 1.0
+    x = batch()
+    expected = np.mean([softmax(member.logits(x), member.temperature) for member in single], axis=0)
+    assert np.allclose(probabilities(classifier, x), expected, atol=1e-6)
+    assert not np.allclose(expected, softmax(np.mean([m.logits(x) for m in single], axis=0)), atol=1e-3)
+    # With test-time views too: each view's mean, then the views' mean, as for any classifier.
+    views = probabilities(classifier, x, tta=True)
+    assert views.shape == (5, len(CLASSES)) and np.allclose(views.sum(axis=1), 1)
+
+
+def test_features_are_the_first_members_and_metadata_reaches_every_member(ensemble, monkeypatch):
+    classifier, single = ensemble
+    x = batch(2)
+    features, logits = classifier.features_and_logits(x)
+    assert np.allclose(features, single[0].features_and_logits(x)[0], atol=1e-6)
+    assert np.allclose(logits, classifier.logits(x), atol=1e-6)
+
+    seen = []
+    for member in classifier.members:
+        monkeypatch.setattr(member, "logits", lambda b, metadata=None: seen.append(metadata) or np.zeros((len(b), 7)))
+    rows = np.ones((2, 4), dtype=np.float32)
+    classifier.logits(x)
+    classifier.logits(x, rows)
+    assert seen[:2] == [None, None] and all(m is rows for m in seen[2:]) and len(seen) == 4
+
+
+def test_a_changed_or_missing_member_is_refused_naming_the_file(tmp_path):
+    checkpoints = members(tmp_path)
+    path = manifest(tmp_path, checkpoints)
+    with checkpoints[1].open("ab") as f:
+        f.write(b"retrained")
+    with pytest.raises(LesionkitError, match=f"member {checkpoints[1]} is not the file the manifest was written"):
+        load_torch_classifier(path)
+    checkpoints[1].unlink()
+    with pytest.raises(LesionkitError, match=f"member {checkpoints[1]} does not exist"):
+        load_torch_classifier(tmp_path)  # the run folder, which holds ensemble.json
+    with pytest.raises(LesionkitError, match="without ensemble.json"):
+        load_torch_classifier(tmp_path / "fold-1")
+
+
+def test_members_must_share_classes_and_a_fitted_temperature(tmp_path):
+    checkpoints = members(tmp_path / "a")
+    other = fake_checkpoint(tmp_path / "a" / "other.ckpt", classes=list(reversed(CLASSES)))
+    save_calibration(other, Calibration(temperature=1.0))
+    with pytest.raises(LesionkitError, match="member 2 predicts"):
+        EnsembleClassifier([TorchClassifier.load(checkpoints[0]), TorchClassifier.load(other)])
+    uncalibrated = members(tmp_path / "b", temperatures=(1.0, None))
+    with pytest.raises(LesionkitError, match=f"member {uncalibrated[1]} has no fitted temperature"):
+        load_torch_classifier(manifest(tmp_path / "b", uncalibrated))

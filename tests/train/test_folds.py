@@ -1,0 +1,224 @@
+"""Cross-validation end to end: ``train --folds 2`` on a tiny job, interrupted in its second fold and continued,
+then the out-of-fold estimate, the ensemble manifest and the ensemble through evaluate, predict and export.
+
+One tiny job (timm's ``test_efficientnet``, 48x64 px, one epoch per phase) serves every test of the module.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import balanced_accuracy_score
+
+from helpers import assert_no_lesion_leak, make_ham_folder
+from lesionkit import CLASSES
+from lesionkit.cli import main
+
+TINY = """\
+data: {image_size: [48, 64], batch_size: 8, num_workers: 0}
+split: {test_fraction: 0.25}
+model: {name: test_efficientnet, weights: none}
+train:
+  accelerator: cpu
+  phases:
+    - {name: head, epochs: 1, lr: 1.0e-3, unfreeze: 0}
+    - {name: finetune, epochs: 1, lr: 1.0e-3, unfreeze: 1}
+"""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def folds_run(tmp_path_factory):
+    """The job with its second fold interrupted as by Ctrl-C after its first epoch, then continued with
+    ``--resume``; returns the data, the run and what each of the two commands printed."""
+    from lesionkit.train.resume import EpochSeed
+
+    root = tmp_path_factory.mktemp("folds")
+    data = make_ham_folder(root / "ham", lesions_per_class=4)
+    (root / "tiny.yaml").write_text(TINY)
+    run = root / "run"
+    argv = ["train", "--folds", "2", "--config", str(root / "tiny.yaml"), "--data-dir", str(data), "--out", str(run)]
+    start = EpochSeed.on_train_epoch_start
+
+    def stop_in_fold_2(self, trainer, module):
+        if Path(trainer.default_root_dir).name == "fold-2" and module.phase_index == 1:
+            raise KeyboardInterrupt
+        start(self, trainer, module)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EpochSeed, "on_train_epoch_start", stop_in_fold_2)
+        first = capture(argv)
+    assert first[0] == 130, first[2][-2000:]
+    second = capture(["train", "--folds", "2", "--out", str(run), "--resume"])
+    assert second[0] == 0, second[2][-2000:]
+    return data, run, argv, first, second
+
+
+def capture(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)``'s exit code, standard output and standard error (pytest's capture is per test, and the
+    module's fixture runs the commands)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_an_interrupted_fold_resumes_from_its_checkpoint_and_a_finished_one_is_skipped(folds_run):
+    data, run, _, first, second = folds_run
+    assert f"lesionkit train --folds 2 --out {run} --resume" in first[2] and "Traceback" not in first[2]
+    assert "Fold 1/2: finished" in second[1] and f"Fold 2/2: resuming {run / 'fold-2'}" in second[1]
+    fold_2 = run / "fold-2"
+    assert list(pd.read_csv(fold_2 / "metrics.csv")["phase"]) == ["head", "finetune"]
+    assert len(json.loads((fold_2 / "provenance.json").read_text())["resumed"]) == 1
+    assert len(json.loads((run / "fold-1" / "provenance.json").read_text()).get("resumed", [])) == 0
+    assert json.loads((run / "folds.json").read_text())["finished"] == [1, 2]
+
+
+def test_each_fold_is_a_normal_run_on_its_own_split_without_the_test_part(folds_run):
+    data, run, *_ = folds_run
+    splits = [pd.read_csv(run / f"fold-{n}" / "split.csv") for n in (1, 2)]
+    test = [set(split.loc[split["split"] == "test", "image_id"]) for split in splits]
+    assert test[0] and test[0] == test[1]
+    for n, split in enumerate(splits, 1):
+        fold = run / f"fold-{n}"
+        assert_no_lesion_leak(split, data / "HAM10000_metadata.csv")
+        for name in ("config.yaml", "report.json", "predictions.csv", "checkpoints/best.ckpt",
+                     "checkpoints/temperature.json"):
+            assert (fold / name).is_file(), f"fold-{n}/{name}"
+        assert not (fold / "test").exists(), "a fold measured the test part"
+        report = json.loads((fold / "report.json").read_text())
+        assert report["n_images"] == (split["split"] == "val").sum()
+        assert "evaluate_test: false" in (fold / "config.yaml").read_text()
+    vals = [set(split.loc[split["split"] == "val", "lesion_id"]) for split in splits]
+    assert not vals[0] & vals[1]
+    # Fold 1's validation part is what fold 2 trains on, and the other way round.
+    assert vals[0] == set(splits[1].loc[splits[1]["split"] == "train", "lesion_id"])
+
+
+def test_out_of_fold_predictions_and_the_estimate(folds_run):
+    _, run, *_ = folds_run
+    oof = pd.read_csv(run / "oof.csv")
+    split = pd.read_csv(run / "fold-1" / "split.csv")
+    assert sorted(oof["image_id"]) == sorted(split.loc[split["split"] != "test", "image_id"])
+    for n in (1, 2):
+        own = pd.read_csv(run / f"fold-{n}" / "split.csv").query("split == 'val'")
+        rows = oof[oof["fold"] == n]
+        assert sorted(rows["image_id"]) == sorted(own["image_id"])
+        predicted = pd.read_csv(run / f"fold-{n}" / "predictions.csv").set_index("image_id")
+        columns = [f"p_{c}" for c in CLASSES]
+        assert np.allclose(rows.set_index("image_id")[columns], predicted.loc[rows["image_id"], columns], atol=1e-6)
+    probabilities = oof[[f"p_{c}" for c in CLASSES]].to_numpy()
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+
+    cv = json.loads((run / "cv.json").read_text())
+    labels = [CLASSES.index(d) for d in oof["dx"]]
+    assert cv["pooled"]["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(labels, probabilities.argmax(axis=1)))
+    low, high = cv["intervals"]["balanced_accuracy"]
+    assert low <= cv["pooled"]["balanced_accuracy"] <= high and cv["bootstrap"]["unit"] == "lesion"
+    assert cv["bootstrap"]["units"] == oof["lesion_id"].nunique()
+    per_fold = [fold["balanced_accuracy"] for fold in cv["per_fold"]]
+    assert cv["over_folds"]["balanced_accuracy"]["mean"] == pytest.approx(np.mean(per_fold))
+    assert cv["over_folds"]["balanced_accuracy"]["sd"] == pytest.approx(np.std(per_fold, ddof=1))
+    assert cv["validation_lesions_disjoint"] and cv["images"] == len(oof)
+    assert "Cross-validation, 2 folds, out of fold" in folds_run[4][1]
+
+
+def test_the_ensemble_manifest_and_its_test_report(folds_run):
+    _, run, *_ = folds_run
+    manifest = json.loads((run / "ensemble.json").read_text())
+    assert manifest["kind"] == "lesionkit-ensemble" and manifest["classes"] == list(CLASSES)
+    assert [m["checkpoint"] for m in manifest["members"]] == [f"fold-{n}/checkpoints/best.ckpt" for n in (1, 2)]
+    for member in manifest["members"]:
+        assert member["sha256"] == sha256(run / member["checkpoint"])
+    record = manifest["calibration"]
+    assert record["temperature"] == 1.0 and len(record["conformal"]["scores"]) == len(pd.read_csv(run / "oof.csv"))
+    assert record["ood"] == json.loads((run / "fold-1" / "checkpoints" / "temperature.json").read_text())[
+        "best.ckpt"]["ood"], "the first member's detector: the ensemble serves its features"
+    test = json.loads((run / "test" / "report.json").read_text())
+    split = pd.read_csv(run / "fold-1" / "split.csv")
+    assert test["n_images"] == (split["split"] == "test").sum()
+    assert test["context"]["model"] == "ensemble of 2 test_efficientnet"
+
+
+def test_the_same_command_again_skips_every_fold_and_other_settings_are_refused(folds_run, capsys):
+    _, run, argv, *_ = folds_run
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("fold-*/checkpoints/*.ckpt")}
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Fold 1/2: finished" in out and "Fold 2/2: finished" in out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a finished fold was trained again"
+
+    assert main([*argv[:2], "3", *argv[3:]]) == 1
+    assert "holds a 2-fold cross-validation, not 3 folds" in capsys.readouterr().err
+    assert main([*argv, "--set", "train.seed=1"]) == 1
+    assert "train.seed differ" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume"]) == 1
+    assert "holds a cross-validation" in capsys.readouterr().err
+    assert main([*argv, "--split-file", str(run / "fold-1" / "split.csv")]) == 1
+    assert "--folds makes each fold's split itself" in capsys.readouterr().err
+
+
+def test_a_manifest_whose_member_changed_is_refused(folds_run, tmp_path, capsys):
+    data, run, *_ = folds_run
+    image = str(next(data.rglob("*.jpg")))
+    copy = tmp_path / "ensemble.json"  # a manifest beside copies of the members, one of them altered
+    for n in (1, 2):
+        member = tmp_path / f"fold-{n}" / "checkpoints" / "best.ckpt"
+        member.parent.mkdir(parents=True)
+        member.write_bytes((run / f"fold-{n}" / "checkpoints" / "best.ckpt").read_bytes() + b"!" * (n == 2))
+    copy.write_text((run / "ensemble.json").read_text())
+    assert main(["predict", "--checkpoint", str(copy), image]) == 1
+    err = capsys.readouterr().err
+    assert f"member {tmp_path / 'fold-2' / 'checkpoints' / 'best.ckpt'} is not the file" in err
+
+
+def test_predict_evaluate_and_export_take_the_ensemble_as_one_model(folds_run, tmp_path, capsys):
+    from lesionkit.serve.classifier import probabilities
+    from lesionkit.serve.ensemble import EnsembleClassifier
+    from lesionkit.data.images import load_image
+
+    data, run, *_ = folds_run
+    images = sorted(data.rglob("*.jpg"))[:3]
+    manifest = run / "ensemble.json"
+    assert main(["predict", "--checkpoint", str(manifest), "--format", "json", *map(str, images)]) == 0
+    torch_answers = json.loads(capsys.readouterr().out)
+    ensemble = EnsembleClassifier.load(manifest)
+    expected = probabilities(ensemble, np.stack([ensemble.transform(load_image(p)) for p in images]))
+    got = np.array([[a["probabilities"][c] for c in CLASSES] for a in torch_answers])
+    assert np.allclose(got, expected, atol=1e-6)
+    assert all(isinstance(a["out_of_distribution"], bool) and isinstance(a["refer"], bool) for a in torch_answers)
+
+    assert main(["predict", "--checkpoint", str(run), "--format", "json", str(images[0])]) == 0  # the folder
+    assert json.loads(capsys.readouterr().out)[0]["probabilities"] == torch_answers[0]["probabilities"]
+
+    assert main(["export", "--checkpoint", str(manifest)]) == 0
+    assert "logit difference" in capsys.readouterr().out and (run / "ensemble.onnx").is_file()
+    assert main(["predict", "--checkpoint", str(manifest), "--backend", "onnx", "--format", "json",
+                 *map(str, images)]) == 0
+    onnx_answers = json.loads(capsys.readouterr().out)
+    served = np.array([[a["probabilities"][c] for c in CLASSES] for a in onnx_answers])
+    assert np.allclose(served, got, atol=1e-4)
+    assert [a["out_of_distribution"] for a in onnx_answers] == [a["out_of_distribution"] for a in torch_answers]
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(manifest), "--data-dir", str(data), "--split-file",
+                 str(run / "fold-1" / "split.csv"), "--split", "test", "--out", str(out)]) == 0
+    report, trained = (json.loads((folder / "report.json").read_text()) for folder in (out, run / "test"))
+    assert report["balanced_accuracy"] == pytest.approx(trained["balanced_accuracy"])
+    assert report["conformal"]["calibration_scores"] == len(pd.read_csv(run / "oof.csv"))
+
+    assert main(["evaluate", "--checkpoint", str(manifest), "--data-dir", str(data), "--split-file",
+                 str(run / "fold-1" / "split.csv"), "--fit-temperature", "--out", str(out)]) == 1
+    assert "is an ensemble" in capsys.readouterr().err
+    assert main(["explain", "--checkpoint", str(manifest), str(images[0]), "--out", str(tmp_path / "maps")]) == 1
+    assert "explain a member, e.g. --checkpoint" in capsys.readouterr().err
