@@ -154,6 +154,23 @@ def test_predict_takes_metadata_from_flags_or_a_csv_and_through_onnx(metadata_ru
                                    atol=1e-4)
 
 
+def test_the_demo_offers_the_fields_the_model_reads_and_uses_them(metadata_run):
+    from lesionkit.serve.demo import analyse, build_demo
+    from lesionkit.serve.torch_classifier import TorchClassifier
+
+    root, data = metadata_run
+    classifier = TorchClassifier.load(root / "run" / "checkpoints" / "best.ckpt")
+    image = str(next((data / "HAM10000_images_part_1").glob("*.jpg")))
+    status, without, _ = analyse(classifier, image, "tiny")
+    assert "Clinical metadata used: none" in status
+    status, given, _ = analyse(classifier, image, "tiny", 70, "female", "face")
+    assert "Clinical metadata used: age 70, sex female, localization face" in status and given != without
+    status, _, _ = analyse(classifier, image, "tiny", None, None, "knee")
+    assert "Could not use this upload" in status and "use one of: abdomen" in status
+    page = build_demo(classifier, "tiny").config
+    assert {"age", "sex", "localization"} <= {c["props"].get("elem_id") for c in page["components"]}
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--site", "knee"], "localization 'knee' is not one this model knows; use one of: abdomen"),
     (["--age", "abc"], "age must be a number of years"),

@@ -82,8 +82,14 @@ def assess_batch(classifier: Classifier, batch: np.ndarray, tta: bool = False,
     return answers
 
 
-def assess(classifier: Classifier, image: Image.Image, coverage: float | None = None, tta: bool = False) -> dict:
+def assess(classifier: Classifier, image: Image.Image, coverage: float | None = None, tta: bool = False,
+           metadata: dict | None = None) -> dict:
     """The answer for one Pillow image (any mode; made RGB): probabilities, prediction, the prediction set at
     ``coverage`` (checked with :func:`check_coverage` first), the out-of-distribution flag and score, and the
-    melanoma referral."""
-    return assess_batch(classifier, classifier.transform(image.convert("RGB"))[None], tta, coverage)[0]
+    melanoma referral. A model that reads clinical metadata gets ``metadata``'s values (``{"age": 55, ...}``;
+    unknown where absent)."""
+    encoding = classifier.encoding
+    rows = None
+    if encoding is not None and metadata:
+        rows = encoding.encode({k: [v] for k, v in metadata.items() if k in encoding.fields}, 1)
+    return assess_batch(classifier, classifier.transform(image.convert("RGB"))[None], tta, coverage, rows)[0]

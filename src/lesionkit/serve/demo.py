@@ -1,6 +1,7 @@
 """The web demo: a page where a user uploads a dermoscopic image and sees the calibrated probabilities, where the
 network looked (Grad-CAM), the prediction set, the melanoma referral flag and an out-of-distribution warning,
-under a plain statement that it is a research tool, not a medical device.
+under a plain statement that it is a research tool, not a medical device. A model that reads clinical metadata
+gets optional fields for age, sex and body site.
 
 Every upload is checked by lesionkit itself (size on disk, an image Pillow opens safely, dimensions): a bad one
 gets a message on the page, never a traceback, and the server goes on serving.
@@ -49,8 +50,9 @@ def describe(answer: dict, ood_threshold: float | None, source: str, missing: li
     return "\n".join(lines)
 
 
-def analyse(classifier, path: str | None, source: str) -> tuple[str, dict | None, np.ndarray | None]:
-    """Status text, probabilities and Grad-CAM overlay for the file at ``path``; a bad file gets a message only."""
+def analyse(classifier, path: str | None, source: str, *clinical) -> tuple[str, dict | None, np.ndarray | None]:
+    """Status text, probabilities and Grad-CAM overlay for the file at ``path``; a bad file gets a message only.
+    ``clinical``: the page's values of the fields the model reads (its encoding's order; None or blank: unknown)."""
     if not path:
         return "Upload a dermoscopic image (JPEG or PNG) first.", None, None
     name = Path(path).name
@@ -59,7 +61,9 @@ def analyse(classifier, path: str | None, source: str) -> tuple[str, dict | None
             raise LesionkitError(f"{name} is over {MAX_UPLOAD_MB} MB: upload a smaller JPEG or PNG")
         image = load_image(Path(path))
         coverage = COVERAGE if classifier.calibration.conformal_scores is not None else None
-        answer = assess(classifier, image, coverage)
+        fields = classifier.encoding.fields if classifier.encoding else ()
+        metadata = {f: v for f, v in zip(fields, clinical) if v not in (None, "")}
+        answer = assess(classifier, image, coverage, metadata=metadata)
         overlay = explain(classifier, image, class_name=answer["prediction"]).overlay
     except LesionkitError as err:
         return f"**Could not use this upload.** {str(err).replace(str(path), name)}", None, None
@@ -67,6 +71,9 @@ def analyse(classifier, path: str | None, source: str) -> tuple[str, dict | None
         return f"**Could not analyse {name}** ({type(err).__name__}: {err}). Try another image.", None, None
     ood = classifier.calibration.ood
     status = describe(answer, ood.threshold if ood else None, source, missing_parts(classifier))
+    if classifier.encoding:
+        given = ", ".join(f"{k} {v}" for k, v in metadata.items()) or "none (the model answers as for unknown values)"
+        status += f"\n- Clinical metadata used: {given}"
     return status, answer["probabilities"], overlay
 
 
@@ -80,6 +87,7 @@ def build_demo(classifier, source: str) -> gr.Blocks:
             with gr.Column():
                 upload = gr.File(label="Dermoscopic image (JPEG or PNG)", file_types=["image"], type="filepath",
                                  elem_id="upload")
+                clinical = clinical_inputs(classifier.encoding)
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
@@ -87,9 +95,23 @@ def build_demo(classifier, source: str) -> gr.Blocks:
                                          elem_id="probabilities")
         overlay = gr.Image(label="Grad-CAM: where the network looked for its answer", type="numpy",
                            interactive=False, height=400, elem_id="overlay")
-        button.click(lambda path: analyse(classifier, path, source), inputs=upload,
+        button.click(lambda path, *values: analyse(classifier, path, source, *values), inputs=[upload, *clinical],
                      outputs=[status, probabilities, overlay], api_name="classify")
     return demo
+
+
+def clinical_inputs(encoding) -> list:
+    """Optional fields for the clinical metadata a model reads (none for an image-only model)."""
+    if encoding is None:
+        return []
+    inputs = []
+    for name in encoding.fields:
+        if name == "age":
+            inputs.append(gr.Number(label="Age in years (optional)", minimum=0, maximum=120, elem_id="age"))
+        else:
+            label = "Body site (optional)" if name == "localization" else "Sex (optional)"
+            inputs.append(gr.Dropdown(list(encoding.levels[name]), label=label, value=None, elem_id=name))
+    return inputs
 
 
 def serve(classifier, source: str, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
