@@ -90,8 +90,9 @@ def metadata_source(args: argparse.Namespace, classifier, paths: list[Path]) -> 
     if unused:
         raise LesionkitError(f"{args.checkpoint} reads {', '.join(encoding.fields)}, not {', '.join(unused)}: "
                              f"leave {'it' if len(unused) == 1 else 'them'} out")
-    encoding.encode({k: [v] for k, v in flags.items()}, 1, where="--age/--sex/--site")
-    print(f"metadata: {encoding.describe({k: [v] for k, v in flags.items()})} (the model reads "
+    given = {k: [v] for k, v in flags.items()}
+    encoding.encode(given, 1, where="--age/--sex/--site")
+    print(f"metadata: {encoding.describe(given)} (the model reads "
           f"{', '.join(encoding.fields)}; what is not given counts as unknown)", file=sys.stderr)
     return lambda path: flags
 

@@ -131,8 +131,7 @@ class ClinicalEncoding:
 
     def describe(self, columns: Mapping[str, Sequence]) -> str:
         """Which fields ``columns`` gives values for, in words, for reports and ``predict``."""
-        given = [name for name in self.fields if name in columns
-                 and any(_text(v).lower() not in ("", UNKNOWN) for v in columns[name])]
+        given = [name for name in self.fields if name in columns and any(map(known, columns[name]))]
         return ", ".join(given) if given else "none (every field unknown)"
 
     def to_dict(self) -> dict:
@@ -143,6 +142,11 @@ class ClinicalEncoding:
     def from_dict(cls, entry: dict) -> ClinicalEncoding:
         return cls(tuple(entry["fields"]), float(entry["age_mean"]), float(entry["age_std"]),
                    {k: tuple(v) for k, v in entry["levels"].items()})
+
+
+def known(value) -> bool:
+    """Whether a cell says something: not blank, NaN or ``unknown``."""
+    return _text(value).lower() not in ("", UNKNOWN)
 
 
 def _text(value) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lesionkit import LesionkitError
+from lesionkit.data.clinical import known
 from lesionkit.data.images import IMAGE_SUFFIXES, load_image
 from lesionkit.serve.answer import assess_batch
 from lesionkit.serve.classifier import Classifier
@@ -97,7 +98,7 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
 
 def used_metadata(values: dict) -> dict:
     """The values of ``values`` that say something: blank and ``unknown`` are left out."""
-    return {k: v for k, v in values.items() if v is not None and str(v).strip().lower() not in ("", "unknown", "nan")}
+    return {k: v for k, v in values.items() if known(v)}
 
 
 def ahead(pool: ThreadPoolExecutor, function: Callable, items: list, lookahead: int) -> Iterator:
