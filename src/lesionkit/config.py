@@ -327,7 +327,8 @@ def save_config(config: Config, path: Path) -> None:
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise LesionkitError(f"config file {path} does not exist")
+        raise LesionkitError(f"config file {path} does not exist: check --config (the recipes are in the "
+                             f"repository's configs/ folder)")
     try:
         raw = OmegaConf.load(path)  # OmegaConf's YAML reads 1e-4 as a float, as YAML 1.2 does
     except (yaml.YAMLError, UnicodeDecodeError) as err:

@@ -18,6 +18,13 @@ from lesionkit.data.images import IMAGE_SUFFIXES, check_decodable
 
 METADATA_NAME = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
+# What to write into a blank cell of each required column.
+FILL_IN = {
+    "lesion_id": "fill in the lesion each image shows (images of one lesion share an id; a lesion seen once gets an "
+                 "id of its own), so that no lesion lands in two parts of the split",
+    "image_id": "fill in the image's file name without its extension",
+    "dx": f"fill in the diagnosis, one of {', '.join(CLASSES)}",
+}
 
 
 @dataclass
@@ -62,7 +69,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
     for column in REQUIRED_COLUMNS:
         blank = frame.index[frame[column].isna() | (frame[column].str.strip() == "")]
         if len(blank):
-            raise LesionkitError(f"{path}: column {column} is blank on row(s) {rows_named(blank)}")
+            raise LesionkitError(f"{path}: column {column} is blank on row(s) {rows_named(blank)}: {FILL_IN[column]}")
         frame[column] = frame[column].str.strip()
     unknown = frame.index[~frame["dx"].isin(CLASSES)]
     if len(unknown):

@@ -51,8 +51,8 @@ class TorchClassifier:
             model.load_state_dict(state)
         except RuntimeError as err:
             raise LesionkitError(f"{path}: its weights do not fit the {meta['model_name']} with {len(meta['classes'])} "
-                                 f"classes its metadata names (another architecture or class count?): "
-                                 f"{str(err)[:300]}") from None
+                                 f"classes its metadata names (another architecture or class count?): use a checkpoint "
+                                 f"as `lesionkit train` wrote it ({str(err)[:300]})") from None
         return cls(model.to(device, memory_format=torch.channels_last), Preprocessing(**meta["preprocessing"]), meta,
                    load_calibration(path))
 
