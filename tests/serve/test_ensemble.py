@@ -100,3 +100,23 @@ def test_members_must_share_classes_and_a_fitted_temperature(tmp_path):
     uncalibrated = members(tmp_path / "b", temperatures=(1.0, None))
     with pytest.raises(LesionkitError, match=f"member {uncalibrated[1]} has no fitted temperature"):
         load_torch_classifier(manifest(tmp_path / "b", uncalibrated))
+
+
+def test_the_demo_serves_an_ensemble_and_maps_its_first_member(ensemble, tmp_path):
+    from PIL import Image
+
+    from lesionkit.serve.demo import analyse, build_demo
+    from lesionkit.serve.explain import explain
+
+    classifier, single = ensemble
+    path = tmp_path / "lesion.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(path)
+    status, shown, overlay = analyse(classifier, str(path), "ensemble.json")
+    expected = np.mean([softmax(m.logits(m.transform(Image.open(path).convert("RGB"))[None]), m.temperature)
+                        for m in single], axis=0)[0]
+    assert np.allclose([shown[c] for c in CLASSES], expected, atol=1e-5), "the page shows the ensemble's answer"
+    predicted = max(shown, key=shown.get)
+    first = explain(single[0], Image.open(path).convert("RGB"), class_name=predicted).overlay
+    assert np.array_equal(overlay, first) and predicted in status
+    labels = {c["props"].get("label") for c in build_demo(classifier, "ensemble.json").config["components"]}
+    assert "Grad-CAM of member 1 of the 2: where it looked for the ensemble's answer" in labels

@@ -171,6 +171,25 @@ def test_the_demo_offers_the_fields_the_model_reads_and_uses_them(metadata_run):
     assert {"age", "sex", "localization"} <= {c["props"].get("elem_id") for c in page["components"]}
 
 
+def test_explain_maps_the_answer_given_with_the_metadata(metadata_run, capsys, tmp_path):
+    root, data = metadata_run
+    checkpoint = str(root / "run" / "checkpoints" / "best.ckpt")
+    image = str(next((data / "HAM10000_images_part_1").glob("*.jpg")))
+    flags = ["--age", "70", "--sex", "female", "--site", "face"]
+    lines = {}
+    for name, extra in (("with", flags), ("without", [])):
+        assert main(["explain", image, "--checkpoint", checkpoint, "--class", "mel", "--out", str(tmp_path / name),
+                     *extra]) == 0
+        lines[name] = json.loads((tmp_path / name / "explanations.jsonl").read_text())
+        capsys.readouterr()
+        assert main(["predict", image, "--checkpoint", checkpoint, "--format", "json", *extra]) == 0
+        predicted = json.loads(capsys.readouterr().out)[0]
+        assert lines[name]["probability"] == pytest.approx(predicted["probabilities"]["mel"], abs=1e-5)
+    assert lines["with"]["metadata"] == {"age": "70", "sex": "female", "localization": "face"}
+    assert lines["without"]["metadata"] is None
+    assert lines["with"]["probability"] != lines["without"]["probability"]
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--site", "knee"], "localization 'knee' is not one this model knows; use one of: abdomen"),
     (["--age", "abc"], "age must be a number of years"),

@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image
 
 from lesionkit import LesionkitError
+from lesionkit.commands.clinical import add_clinical_arguments, metadata_source
 from lesionkit.data.images import load_image
 from lesionkit.files import atomic_write
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
 from lesionkit.serve.explain import METHODS, Explanation, explain
-from lesionkit.serve.predict import collect_images
+from lesionkit.serve.predict import collect_images, used_metadata
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=list(METHODS), default="gradcam",
                         help="gradcam (default), gradcam++, or eigencam (the same map for every class, no gradients)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_clinical_arguments(parser)
 
 
 def load_classifier(checkpoint: Path, device: str):
@@ -75,23 +77,27 @@ def run(args: argparse.Namespace) -> int:
         raise LesionkitError(f"--class {args.class_name}: not a class of {args.checkpoint}; use one of "
                              f"{', '.join(classifier.classes)}")
     paths = collect_images(args.images)
+    metadata = metadata_source(args, classifier, paths)
     args.out.mkdir(parents=True, exist_ok=True)
     errors, taken = [], set()
     with (args.out / "explanations.jsonl").open("w", encoding="utf-8") as lines:
         for path in paths:
+            values = used_metadata(metadata(path) if metadata else {})
             try:
-                explanation = explain(classifier, load_image(path), args.method, args.class_name)
+                explanation = explain(classifier, load_image(path), args.method, args.class_name, values)
             except LesionkitError as err:
                 errors.append(str(err))
                 print(f"error: {err}", file=sys.stderr)
                 continue
             name = unique(f"{path.stem}_{args.method}_{explanation.class_name}", taken)
             write_png(side_by_side(explanation), args.out / f"{name}.png")
-            lines.write(json.dumps({
-                "image": str(path), "class": explanation.class_name, "probability": explanation.probability,
-                "method": explanation.method, "layer": explanation.layer,
-                "faithfulness_metric": explanation.faithfulness_metric, "faithfulness": explanation.faithfulness,
-                "overlay": f"{name}.png"}) + "\n")
+            line = {"image": str(path), "class": explanation.class_name, "probability": explanation.probability,
+                    "method": explanation.method, "layer": explanation.layer,
+                    "faithfulness_metric": explanation.faithfulness_metric, "faithfulness": explanation.faithfulness,
+                    "overlay": f"{name}.png"}
+            if classifier.encoding:
+                line["metadata"] = values or None  # as predict's records say what they used
+            lines.write(json.dumps(line) + "\n")
             lines.flush()  # each line as soon as its image is done: an interrupted run keeps what it finished
     print(f"{len(paths) - len(errors)} of {len(paths)} image(s) explained in {args.out}", file=sys.stderr)
     return 1 if errors else 0

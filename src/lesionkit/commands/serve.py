@@ -1,4 +1,5 @@
-"""``lesionkit serve``: the web demo (Gradio) for a checkpoint, on this machine only unless told otherwise."""
+"""``lesionkit serve``: the web demo (Gradio) for a checkpoint or an ensemble, on this machine only unless told
+otherwise."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
     args.checkpoint = checkpoint_or_default(args.checkpoint)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a research tool
     from lesionkit.serve.demo import serve
-    from lesionkit.serve.torch_classifier import TorchClassifier
+    from lesionkit.serve.ensemble import load_torch_classifier
 
-    classifier = TorchClassifier.load(args.checkpoint, args.device)
+    classifier = load_torch_classifier(args.checkpoint, args.device)
     print(f"Serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     serve(classifier, str(args.checkpoint), args.host, args.port)
     return 0

@@ -45,11 +45,13 @@ def write_gallery(classifier, frame: pd.DataFrame, probabilities: np.ndarray, ou
     probabilities in ``frame``'s row order: they choose the images and are the ones the captions show.
     """
     images = {}
+    fields = classifier.encoding.fields if classifier.encoding else ()
     for name, kinds in pick(frame, probabilities, classifier.classes).items():
         for kind, position in kinds.items():
             row = frame.iloc[position]
             try:
-                explanation = explain(classifier, load_image(Path(row["path"])), METHOD, name)
+                explanation = explain(classifier, load_image(Path(row["path"])), METHOD, name,
+                                      {f: row[f] for f in fields if f in row})
             except LesionkitError as err:  # evaluated a moment ago, so hardly ever; the report goes on without it
                 images.setdefault(name, {})[kind] = {"image_id": row["image_id"], "error": str(err)}
                 continue

@@ -27,10 +27,13 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def checkpoint_or_default(checkpoint: Path | None, onnx: bool = False) -> Path:
-    """``checkpoint``, or the default model (its ONNX export beside it with ``onnx``), announced on standard
-    error so that every output names the file that answered."""
+    """``checkpoint`` (for an ensemble's run folder, its manifest ``RUN/ensemble.json``), or the default model (its
+    ONNX export beside it with ``onnx``), announced on standard error so that every output names the file that
+    answered."""
     if checkpoint is not None:
-        return checkpoint
+        from lesionkit.serve.ensemble import manifest_for  # NumPy only: predict --backend onnx stays torch-free
+
+        return manifest_for(checkpoint) or checkpoint
     chosen = Path(os.environ["LESIONKIT_MODEL"]) if os.environ.get("LESIONKIT_MODEL") else CHECKPOINT
     if onnx:
         chosen = chosen.with_suffix(".onnx")

@@ -64,7 +64,7 @@ def analyse(classifier, path: str | None, source: str, *clinical) -> tuple[str, 
         fields = classifier.encoding.fields if classifier.encoding else ()
         metadata = {f: v for f, v in zip(fields, clinical) if v not in (None, "")}
         answer = assess(classifier, image, coverage, metadata=metadata)
-        overlay = explain(classifier, image, class_name=answer["prediction"]).overlay
+        overlay = explain(explained(classifier), image, class_name=answer["prediction"], metadata=metadata).overlay
     except LesionkitError as err:
         return f"**Could not use this upload.** {str(err).replace(str(path), name)}", None, None
     except Exception as err:  # whatever a hostile upload provokes, the page says so and the server goes on
@@ -77,9 +77,19 @@ def analyse(classifier, path: str | None, source: str, *clinical) -> tuple[str, 
     return status, answer["probabilities"], overlay
 
 
+def explained(classifier):
+    """The network whose map the page shows: the classifier's own, or an ensemble's first member (Grad-CAM follows
+    one network's gradients; the page says which)."""
+    members = getattr(classifier, "members", None)
+    return members[0] if members else classifier
+
+
 def build_demo(classifier, source: str) -> gr.Blocks:
-    """The page, for ``classifier`` (a :class:`lesionkit.serve.torch_classifier.TorchClassifier`) whose
-    checkpoint is named by ``source``."""
+    """The page, for ``classifier`` (a :class:`lesionkit.serve.torch_classifier.TorchClassifier` or an
+    :class:`lesionkit.serve.ensemble.EnsembleClassifier`) whose checkpoint or manifest is named by ``source``."""
+    members = getattr(classifier, "members", None)
+    looked = (f"Grad-CAM of member 1 of the {len(members)}: where it looked for the ensemble's answer" if members
+              else "Grad-CAM: where the network looked for its answer")
     with gr.Blocks(title="lesionkit: skin-lesion classifier (research tool)") as demo:
         gr.Markdown("# lesionkit\nClassify a dermoscopic image of a pigmented skin lesion into HAM10000's seven "
                     "diagnoses.\n\n" + DISCLAIMER)
@@ -93,7 +103,7 @@ def build_demo(classifier, source: str) -> gr.Blocks:
                 status = gr.Markdown(elem_id="status")
                 probabilities = gr.Label(num_top_classes=len(classifier.classes), label="Calibrated probabilities",
                                          elem_id="probabilities")
-        overlay = gr.Image(label="Grad-CAM: where the network looked for its answer", type="numpy",
+        overlay = gr.Image(label=looked, type="numpy",
                            interactive=False, height=400, elem_id="overlay")
         button.click(lambda path, *values: analyse(classifier, path, source, *values), inputs=[upload, *clinical],
                      outputs=[status, probabilities, overlay], api_name="classify")

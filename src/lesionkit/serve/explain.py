@@ -28,6 +28,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from lesionkit import LesionkitError
+from lesionkit.model.network import logits_with_metadata
 from lesionkit.serve.classifier import softmax
 
 # EigenCAM needs no gradient: the first principal component of the layer's activations, the same for every class.
@@ -83,6 +84,18 @@ def network(classifier) -> nn.Module:
     return model
 
 
+class WithMetadata(nn.Module):
+    """``model`` with one patient's encoded clinical metadata: framed images to the logits the classifier gives
+    them with that metadata (what a map of a metadata model has to follow)."""
+
+    def __init__(self, model: nn.Module, metadata: torch.Tensor):
+        super().__init__()
+        self.model, self.metadata = model, metadata
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return logits_with_metadata(self.model, images, self.metadata.expand(len(images), -1))
+
+
 class CalibratedProbability:
     """The target of the faithfulness metric: the class's probability at the classifier's temperature."""
 
@@ -118,11 +131,14 @@ def framed_rgb(classifier, batch: np.ndarray) -> np.ndarray:
     return np.clip(pixels, 0, 1)
 
 
-def explain(classifier, image: Image.Image, method: str = "gradcam", class_name: str | None = None) -> Explanation:
+def explain(classifier, image: Image.Image, method: str = "gradcam", class_name: str | None = None,
+            metadata: dict | None = None) -> Explanation:
     """Where ``classifier``'s network looked in ``image`` (RGB) for ``class_name`` (default: its prediction).
 
     ``method``: ``gradcam``, ``gradcam++`` or ``eigencam`` (class-agnostic: ``class_name`` then only chooses the
-    probability and the faithfulness reported).
+    probability and the faithfulness reported). A model that reads clinical metadata is explained with
+    ``metadata``'s values (``{"age": 55, ...}``; unknown where absent), as :func:`lesionkit.serve.answer.assess`
+    answers with them.
     """
     if method not in METHODS:
         raise LesionkitError(f"unknown explanation method {method!r}: use one of {', '.join(METHODS)}")
@@ -134,6 +150,10 @@ def explain(classifier, image: Image.Image, method: str = "gradcam", class_name:
     batch = torch.from_numpy(array[None]).to(device).contiguous(memory_format=torch.channels_last)
     layer_name = target_layer(model)
     layer = model.get_submodule(layer_name)
+    encoding = classifier.encoding
+    if encoding is not None:
+        values = {k: [v] for k, v in (metadata or {}).items() if k in encoding.fields}
+        model = WithMetadata(model, torch.from_numpy(encoding.encode(values, 1)).to(device))
     with gradients_from(model, layer):
         cam = METHODS[method](model, [layer])
         try:  # without a class the CAM explains the top logit: the prediction, whatever the temperature
