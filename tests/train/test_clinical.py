@@ -3,6 +3,7 @@ reaching the model and its absence handled, and a run that trains, reports, pred
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -144,6 +145,15 @@ def test_predict_takes_metadata_from_flags_or_a_csv_and_through_onnx(metadata_ru
     assert code == 0 and "for 1 of 2 image(s)" in err
     assert from_csv[0]["metadata"] == {"age": "55", "localization": "face"} and from_csv[1]["metadata"] is None
     assert from_csv[1]["probabilities"] == plain[1]["probabilities"]
+    for fmt, shown in (("csv", ["55", "", "face"]), ("table", ["age 55, localization face"])):
+        assert main(["predict", *map(str, images), "--checkpoint", str(checkpoint), "--format", fmt, "--metadata",
+                     str(table)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        if fmt == "csv":
+            rows = list(csv.DictReader(lines))
+            assert [rows[0][f] for f in FIELDS] == shown and [rows[1][f] for f in FIELDS] == ["", "", ""]
+        else:
+            assert lines[0].endswith("metadata") and lines[1].endswith(shown[0]) and lines[2].endswith("  -")
 
     assert main(["export", "--checkpoint", str(checkpoint)]) == 0
     code, served, _ = predict("--metadata", str(table), backend="onnx")

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
               + (" and export again" if isinstance(classifier, OnnxClassifier) else ""), file=sys.stderr)
     paths = collect_images(args.images)
     metadata = metadata_source(args, classifier, paths)
-    output = Output(args.format, classifier.classes, sys.stdout, paths, args.coverage, classifier.calibration.melanoma)
+    output = Output(args.format, classifier.classes, sys.stdout, paths, args.coverage, classifier.calibration.melanoma,
+                    classifier.encoding.fields if classifier.encoding else ())
     try:
         _, errors = predict_paths(classifier, paths, args.batch_size, args.tta, emit=output.write,
                                   coverage=args.coverage, metadata=metadata)

@@ -122,27 +122,36 @@ def _cell(value, digits: int = 4) -> str:
     return "" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:.{digits}g}"
 
 
+def described(metadata: dict | None) -> str:
+    """The clinical values an answer used, for the table: ``age 55, sex female``, or ``-`` for none."""
+    return ", ".join(f"{k} {v}" for k, v in metadata.items()) if metadata else "-"
+
+
 class Output:
     """Records written as they come, so that a long run shows its answers at once and an interrupted one keeps
     them; ``close()`` ends the output (the JSON list's bracket), also after Ctrl-C.
 
     After the class probabilities, table and CSV show the out-of-distribution flag and score, the referral (the
-    table's column names its threshold and sensitivity, the CSV has them as columns) and, with ``coverage``, the
-    prediction set (classes joined by ``;`` in CSV)."""
+    table's column names its threshold and sensitivity, the CSV has them as columns), with ``coverage`` the
+    prediction set (classes joined by ``;`` in CSV) and, for a model that reads the clinical ``fields``, the values
+    it was given (a column per field in CSV, blank where unknown; one column in the table)."""
 
     def __init__(self, fmt: str, classes: list[str], stream, paths: list[Path], coverage: float | None = None,
-                 melanoma: dict | None = None):
+                 melanoma: dict | None = None, fields: tuple[str, ...] = ()):
         self.fmt, self.classes, self.stream, self.count, self.coverage = fmt, classes, stream, 0, coverage
+        self.fields = tuple(fields)
         # The table's first column fits every path given, known before any answer.
         self.width = max([len("image")] + [len(str(path)) for path in paths])
         self.refer = f"refer(mel>={melanoma['threshold']:.3g}@sens{melanoma['sensitivity']:g})" if melanoma else "refer"
         if fmt == "csv":
             self.csv = csv.writer(stream)
-            self.csv.writerow(["image", "prediction", *classes, *DECISIONS] + (["prediction_set"] if coverage else []))
+            self.csv.writerow(["image", "prediction", *classes, *DECISIONS] + (["prediction_set"] if coverage else [])
+                              + list(self.fields))
         elif fmt == "table":
             stream.write(f"{'image':<{self.width}}  {'prediction':<10}  " + "  ".join(f"{c:>6}" for c in classes)
                          + f"  {'ood':>5}  {'ood_score':>9}  {self.refer:>5}"
-                         + (f"  set@{coverage:g}" if coverage else "") + "\n")
+                         + (f"  set@{coverage:g}" if coverage else "") + ("  metadata" if self.fields else "")
+                         + "\n")
         else:
             stream.write("[")
 
@@ -154,14 +163,17 @@ class Output:
             elif self.fmt == "csv":
                 scores = (f"{r['probabilities'][c]:.6f}" for c in self.classes)
                 decisions = (_cell(r[k], 8) for k in DECISIONS)
+                given = r.get("metadata") or {}
                 self.csv.writerow([r["image"], r["prediction"], *scores, *decisions]
-                                  + ([";".join(r["prediction_set"])] if self.coverage else []))
+                                  + ([";".join(r["prediction_set"])] if self.coverage else [])
+                                  + [given.get(f, "") for f in self.fields])
             else:
                 self.stream.write(f"{r['image']:<{self.width}}  {r['prediction']:<10}  "
                                   + "  ".join(f"{r['probabilities'][c]:6.3f}" for c in self.classes)
                                   + f"  {_cell(r['out_of_distribution']) or '-':>5}  {_cell(r['ood_score']) or '-':>9}"
                                   + f"  {_cell(r['refer']) or '-':>{len(self.refer)}}"
-                                  + (f"  {','.join(r['prediction_set'])}" if self.coverage else "") + "\n")
+                                  + (f"  {','.join(r['prediction_set'])}" if self.coverage else "")
+                                  + (f"  {described(r.get('metadata'))}" if self.fields else "") + "\n")
             self.count += 1
         self.stream.flush()
 
