@@ -1,5 +1,5 @@
-"""The training levers beyond the loss and the sampler change what they claim: MixUp/CutMix mixes images and
-labels (and the losses take the mixed labels), off by default; the EMA of the weights is what checkpoints keep,
+"""The training levers beyond the loss and the sampler change what they claim: MixUp/CutMix mixes images, labels
+and clinical metadata (and the losses take the mixed labels), off by default; the EMA of the weights is what checkpoints keep,
 and a resumed run continues it exactly (with attention pooling and layer-wise rate decay on a one-cycle
 schedule); layer-wise decay gives each block its rate."""
 
@@ -40,6 +40,9 @@ def test_mixup_mixes_pairs_of_images_and_their_labels():
     # Image i is mixed with image 3 - i (the batch reversed), its label likewise.
     assert (targets[0, 0] + targets[0, 3]).item() == pytest.approx(1.0) and 0 < targets[0, 0] < 1
     assert not torch.equal(mixed, images)
+    # The clinical metadata is mixed in the share the labels get: the first sample's is 0 * t00 + 3 * t03.
+    metadata = mix.mix_metadata(torch.arange(4.0).view(4, 1))
+    assert torch.allclose(metadata[:, 0], (targets * torch.tensor([0.0, 1, 2, 3, 0, 0, 0])).sum(dim=1))
     with pytest.raises(LesionkitError, match="need an even data.batch_size"):
         mixing(load_config(None, ["augment.mixup=0.4", "data.batch_size=7"]))
 

@@ -17,6 +17,21 @@ from lesionkit.model.network import freeze_batchnorm_stats, logits_with_metadata
 MONITOR = "val/balanced_accuracy"
 
 
+class Mixing(Mixup):
+    """timm's MixUp/CutMix, one share per batch, that also mixes a batch's clinical metadata in the share its
+    labels get, so that image, metadata and label of a mixed sample tell one story."""
+
+    share = 1.0
+
+    def _mix_batch(self, x: torch.Tensor) -> float:
+        self.share = super()._mix_batch(x)
+        return self.share
+
+    def mix_metadata(self, metadata: torch.Tensor) -> torch.Tensor:
+        """``metadata`` mixed with the batch reversed, as the images and labels of the last call were."""
+        return metadata * self.share + metadata.flip(0) * (1 - self.share)
+
+
 class LesionClassifier(L.LightningModule):
     """Wraps a timm classifier; ``phase`` decides which of its layers train and how.
 
@@ -30,7 +45,7 @@ class LesionClassifier(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, phases: list[PhaseConfig], class_weights: list[float] | None,
                  meta: dict, label_smoothing: float = 0.0, loss: str = "cross_entropy", focal_gamma: float = 2.0,
-                 mixing: Mixup | None = None):
+                 mixing: Mixing | None = None):
         super().__init__()
         self.save_hyperparameters({**meta, "lesionkit_version": __version__})
         # Channels-last runs EfficientNet's depthwise convolutions about twice as fast on CPU (and feeds GPU
@@ -71,10 +86,10 @@ class LesionClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         inputs, labels = batch
-        if self.mixing is not None:  # images mixed; each keeps its own metadata
+        if self.mixing is not None:
             if isinstance(inputs, (tuple, list)):
                 images, labels = self.mixing(inputs[0], labels)
-                inputs = (images, inputs[1])
+                inputs = (images, self.mixing.mix_metadata(inputs[1]))
             else:
                 inputs, labels = self.mixing(inputs, labels)
         loss = self.criterion(self(inputs), labels)

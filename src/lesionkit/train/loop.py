@@ -22,7 +22,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from timm.data import Mixup
 from torch.utils.data import WeightedRandomSampler
 
 from lesionkit import CLASSES, LesionkitError
@@ -36,7 +35,7 @@ from lesionkit.data.transforms import eval_transform, train_transform
 from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.model.checkpoint import check_compatible, checkpoint_meta, load_checkpoint
 from lesionkit.model.features import feature_loaders
-from lesionkit.model.module import MONITOR, LesionClassifier
+from lesionkit.model.module import MONITOR, LesionClassifier, Mixing
 from lesionkit.model.network import attach_metadata, create_model
 from lesionkit.train.callbacks import EpochTable
 from lesionkit.train.ema import WeightAverage
@@ -112,7 +111,7 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
                         cache)
 
 
-def mixing(config: Config) -> Mixup | None:
+def mixing(config: Config) -> Mixing | None:
     """timm's MixUp/CutMix for ``augment.mixup``/``augment.cutmix`` (None when both are 0 or augmentation is
     off); its draws come from NumPy's generator, which :class:`lesionkit.train.resume.EpochSeed` reseeds."""
     augment = config.augment
@@ -121,8 +120,8 @@ def mixing(config: Config) -> Mixup | None:
     if config.data.batch_size % 2:
         raise LesionkitError(f"augment.mixup/cutmix mix each batch with itself reversed and need an even "
                              f"data.batch_size, got {config.data.batch_size}")
-    return Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mix_prob,
-                 label_smoothing=0.0, num_classes=len(CLASSES))
+    return Mixing(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mix_prob,
+                  label_smoothing=0.0, num_classes=len(CLASSES))
 
 
 def train_sampler(config: Config, train_part: pd.DataFrame) -> WeightedRandomSampler | None:
