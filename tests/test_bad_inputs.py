@@ -220,7 +220,8 @@ CASES = {
     "split from other data": (lambda w: train(w, "--split-file", split_file(
         w, lambda f: f.assign(image_id=f["image_id"].str.replace("ISIC", "OTHER")))), 1,
         [r"{w}/split\.csv lists 56 image\(s\) the metadata does not: OTHER_0000000, ",
-         r"was it made for another data folder\? Check --data-dir, or pass the --split-file"]),
+         r"was it made for another data folder\? Check --data-dir, or give the split of a run on this folder ",
+         r"\(--split-file, or split\.split_file in the config\)"]),
     "split with a lesion in two parts": (lambda w: train(w, "--split-file", split_file(
         w, lambda f: f.assign(split=["val"] + ["train"] * (len(f) - 1)))), 1,
         [r"{w}/split\.csv puts lesion\(s\) HAM_0000000 in more than one part", r"all images of a lesion must share "

@@ -145,7 +145,7 @@ class AugmentConfig:
     contrast: float = 0.1
     mixup: float = 0.0
     """MixUp (timm's ``Mixup``): alpha of the Beta distribution that mixes pairs of training images and their
-    labels; 0 is off."""
+    labels (and clinical metadata, in the labels' share); 0 is off."""
     cutmix: float = 0.0
     """CutMix: alpha likewise, pasting a box of one image into another; 0 is off. With both on, each batch
     takes one of the two."""

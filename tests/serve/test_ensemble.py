@@ -120,3 +120,20 @@ def test_the_demo_serves_an_ensemble_and_maps_its_first_member(ensemble, tmp_pat
     assert np.array_equal(overlay, first) and predicted in status
     labels = {c["props"].get("label") for c in build_demo(classifier, "ensemble.json").config["components"]}
     assert "Grad-CAM of member 1 of the 2: where it looked for the ensemble's answer" in labels
+
+
+def test_serve_takes_an_ensembles_run_folder(ensemble, tmp_path, monkeypatch):
+    from lesionkit.cli import main
+    from lesionkit.model.shipped import checkpoint_or_default
+
+    root = tmp_path / "run"
+    folder_manifest = manifest(root, members(root))
+    assert checkpoint_or_default(root) == folder_manifest and checkpoint_or_default(folder_manifest) == folder_manifest
+    checkpoint = root / "fold-1" / "checkpoints" / "best.ckpt"
+    assert checkpoint_or_default(checkpoint) == checkpoint
+    served = {}
+    monkeypatch.setattr("lesionkit.serve.demo.serve", lambda classifier, source, *rest: served.update(
+        classifier=classifier, source=source))
+    assert main(["serve", "--checkpoint", str(root)]) == 0
+    assert isinstance(served["classifier"], EnsembleClassifier) and served["source"] == str(folder_manifest)
+    assert len(served["classifier"].members) == 2

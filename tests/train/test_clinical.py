@@ -104,7 +104,7 @@ def metadata_run(tmp_path_factory):
 
 
 def test_a_metadata_run_carries_its_encoding_and_reports_with_and_without_metadata(metadata_run):
-    root, _ = metadata_run
+    root, data = metadata_run
     checkpoint = torch.load(root / "run" / "checkpoints" / "best.ckpt", weights_only=True)
     carried = ClinicalEncoding.from_dict(checkpoint["hyper_parameters"]["metadata"])
     assert carried.fields == tuple(FIELDS) and "classifier.embed.0.weight" in {
@@ -116,6 +116,13 @@ def test_a_metadata_run_carries_its_encoding_and_reports_with_and_without_metada
     # The site tells the class here: the model uses it, so its figures change when it is withheld.
     assert section["with"] != section["without"]
     assert "## Clinical metadata" in (root / "run" / "report.md").read_text()
+    # The gallery's maps ran with each image's own metadata (blank ages left out), as its probabilities did.
+    frame = pd.read_csv(data / "HAM10000_metadata.csv").set_index("image_id")
+    entries = [entry for kinds in report["gallery"]["images"].values() for entry in kinds.values()]
+    assert entries and all("error" not in entry for entry in entries)
+    for entry in entries:
+        row = frame.loc[entry["image_id"]]
+        assert entry["metadata"] == {f: row[f] for f in FIELDS if pd.notna(row[f])}
     assert main(["card", str(root / "run")]) == 0
     card = (root / "run" / "MODEL_CARD.md").read_text()
     assert "also reads age, sex, localization" in card and "Without the clinical metadata" in card
@@ -202,12 +209,21 @@ def test_explain_maps_the_answer_given_with_the_metadata(metadata_run, capsys, t
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--site", "knee"], "localization 'knee' is not one this model knows; use one of: abdomen"),
+    (["--metadata", "header-only.csv"], "needs an image_id column and one or more of age, sex, localization; it "
+                                        "has x"),
+    (["--metadata", "short.csv"], "image_id is blank on line(s) 3: give each row the file name"),
+    (["--metadata", "twice.csv"], "lists A, B more than once: keep one row per image"),
     (["--age", "abc"], "age must be a number of years"),
     (["--age", "50", "--metadata", "x.csv"], "either as --age/--sex/--site"),
 ])
-def test_predict_refuses_bad_metadata_before_any_answer(metadata_run, capsys, flags, message):
+def test_predict_refuses_bad_metadata_before_any_answer(metadata_run, capsys, tmp_path, flags, message):
     root, data = metadata_run
     image = next((data / "HAM10000_images_part_1").glob("*.jpg"))
+    tables = {"header-only.csv": "x,y\n", "short.csv": "image_id,age\nA,50\n,60\n",
+              "twice.csv": "image_id,age\nA,50\nB,1\nA,60\nB,2\n"}
+    for name, text in tables.items():
+        (tmp_path / name).write_text(text)
+    flags = [str(tmp_path / flag) if flag in tables else flag for flag in flags]
     capsys.readouterr()
     assert main(["predict", str(image), "--checkpoint", str(root / "run" / "checkpoints" / "best.ckpt"),
                  *flags]) == 1

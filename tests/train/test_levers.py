@@ -1,7 +1,7 @@
-"""The training levers beyond the loss and the sampler change what they claim: MixUp/CutMix mixes images, labels
-and clinical metadata (and the losses take the mixed labels), off by default; the EMA of the weights is what checkpoints keep,
-and a resumed run continues it exactly (with attention pooling and layer-wise rate decay on a one-cycle
-schedule); layer-wise decay gives each block its rate."""
+"""The training levers beyond the loss and the sampler change what they claim: MixUp/CutMix mixes images,
+labels and clinical metadata (and the losses take the mixed labels), off by default; the EMA of the weights is
+what checkpoints keep, and a resumed run continues it exactly (with attention pooling and layer-wise rate decay
+on a one-cycle schedule); layer-wise decay gives each block its rate."""
 
 from __future__ import annotations
 

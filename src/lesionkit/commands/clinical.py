@@ -64,12 +64,20 @@ def read_clinical_csv(path: Path, encoding) -> dict[str, dict]:
     if not path.is_file():
         raise LesionkitError(f"--metadata {path} does not exist: give a CSV with image_id and age, sex, localization")
     with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    columns = set(rows[0]) if rows else set()
+        reader = csv.DictReader(f)
+        columns, rows = set(reader.fieldnames or ()), list(reader)
     if "image_id" not in columns or not columns & set(encoding.fields):
         raise LesionkitError(f"--metadata {path} needs an image_id column and one or more of "
                              f"{', '.join(encoding.fields)}; it has {', '.join(sorted(columns)) or 'no header'}")
-    table = {row["image_id"].strip(): {f: row.get(f) for f in encoding.fields if f in columns} for row in rows}
+    ids = [(row["image_id"] or "").strip() for row in rows]
+    blank = [str(line) for line, image_id in enumerate(ids, 2) if not image_id]
+    if blank:
+        raise LesionkitError(f"--metadata {path}: image_id is blank on line(s) {', '.join(blank[:10])}: give each "
+                             f"row the file name of its image without the suffix")
+    twice = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
+    if twice:
+        raise LesionkitError(f"--metadata {path} lists {', '.join(twice[:10])} more than once: keep one row per image")
+    table = {image_id: {f: row.get(f) for f in encoding.fields if f in columns} for image_id, row in zip(ids, rows)}
     encoding.encode({"image_id": list(table), **table_columns(table)}, len(table), where=f"--metadata {path}")
     return table
 

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                     "method": explanation.method, "layer": explanation.layer,
                     "faithfulness_metric": explanation.faithfulness_metric, "faithfulness": explanation.faithfulness,
                     "overlay": f"{name}.png"}
-            if classifier.encoding:
+            if classifier.encoding is not None:
                 line["metadata"] = values or None  # as predict's records say what they used
             lines.write(json.dumps(line) + "\n")
             lines.flush()  # each line as soon as its image is done: an interrupted run keeps what it finished

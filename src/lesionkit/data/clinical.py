@@ -14,9 +14,9 @@ model reads a user's values as it read training's. NumPy alone: the ONNX path im
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -150,8 +150,10 @@ def known(value) -> bool:
 
 
 def _text(value) -> str:
-    """A cell as stripped text; blank for None and NaN (pandas' empty cell)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    """A cell as stripped text; blank for None, NaN and NA (pandas' empty cells)."""
+    # pandas' NA can only come from pandas, so it is looked up only where pandas is already loaded.
+    if value is None or value is getattr(sys.modules.get("pandas"), "NA", None) or (
+            isinstance(value, float) and np.isnan(value)):
         return ""
     return str(value).strip()
 

@@ -143,8 +143,8 @@ def read_split(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     if len(unknown):
         raise LesionkitError(
             f"{path} lists {len(unknown)} image(s) the metadata does not: {', '.join(unknown[:10])}; "
-            f"was it made for another data folder? Check --data-dir, or pass the --split-file of a run on this "
-            f"folder")
+            f"was it made for another data folder? Check --data-dir, or give the split of a run on this folder "
+            f"(--split-file, or split.split_file in the config)")
     mine = known.loc[split["image_id"], ["lesion_id", "dx"]].reset_index(drop=True)
     differ = split[(mine["lesion_id"] != split["lesion_id"].values) | (mine["dx"] != split["dx"].values)]
     if len(differ):

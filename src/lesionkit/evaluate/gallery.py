@@ -13,6 +13,7 @@ import pandas as pd
 from PIL import Image
 
 from lesionkit import LesionkitError
+from lesionkit.data.clinical import known
 from lesionkit.data.images import load_image
 from lesionkit.files import atomic_write
 from lesionkit.serve.explain import FAITHFULNESS, explain, network, target_layer
@@ -41,7 +42,8 @@ def write_gallery(classifier, frame: pd.DataFrame, probabilities: np.ndarray, ou
     """Write ``gallery_<class>_<right|wrong>.png`` into ``out_dir`` (beside the report, whose HTML embeds them)
     and return the report's ``gallery`` section.
 
-    ``frame`` has ``image_id``, ``path`` and ``dx``; ``probabilities`` are the evaluated ``(images, classes)``
+    ``frame`` has ``image_id``, ``path`` and ``dx``, and for a model that reads clinical metadata its columns
+    (each map runs with the image's known values, and its entry names them); ``probabilities`` are the evaluated ``(images, classes)``
     probabilities in ``frame``'s row order: they choose the images and are the ones the captions show.
     """
     images = {}
@@ -49,9 +51,9 @@ def write_gallery(classifier, frame: pd.DataFrame, probabilities: np.ndarray, ou
     for name, kinds in pick(frame, probabilities, classifier.classes).items():
         for kind, position in kinds.items():
             row = frame.iloc[position]
+            given = {f: row[f] for f in fields if f in row and known(row[f])}
             try:
-                explanation = explain(classifier, load_image(Path(row["path"])), METHOD, name,
-                                      {f: row[f] for f in fields if f in row})
+                explanation = explain(classifier, load_image(Path(row["path"])), METHOD, name, given)
             except LesionkitError as err:  # evaluated a moment ago, so hardly ever; the report goes on without it
                 images.setdefault(name, {})[kind] = {"image_id": row["image_id"], "error": str(err)}
                 continue
@@ -62,6 +64,6 @@ def write_gallery(classifier, frame: pd.DataFrame, probabilities: np.ndarray, ou
             images.setdefault(name, {})[kind] = {
                 "file": file, "image_id": row["image_id"], "true": row["dx"], "predicted": name,
                 "probability": float(probabilities[position, classifier.classes.index(name)]),
-                "faithfulness": explanation.faithfulness}
+                "faithfulness": explanation.faithfulness, **({"metadata": given} if fields else {})}
     return {"method": METHOD, "layer": target_layer(network(classifier)), "faithfulness_metric": FAITHFULNESS,
             "images": images}

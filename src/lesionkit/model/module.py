@@ -21,7 +21,11 @@ class Mixing(Mixup):
     """timm's MixUp/CutMix, one share per batch, that also mixes a batch's clinical metadata in the share its
     labels get, so that image, metadata and label of a mixed sample tell one story."""
 
-    share = 1.0
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        if self.mode != "batch":
+            raise ValueError(f"Mixing mixes metadata with one share per batch (mode='batch'), not mode={self.mode!r}")
+        self.share = 1.0
 
     def _mix_batch(self, x: torch.Tensor) -> float:
         self.share = super()._mix_batch(x)

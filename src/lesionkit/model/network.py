@@ -69,8 +69,8 @@ class MetadataHead(torch.nn.Module):
     metadata vector (:class:`lesionkit.data.clinical.ClinicalEncoding`), and one linear layer classifies the pooled
     image features and that embedding side by side, as the ISIC 2019 and 2020 winners fused them.
 
-    Called with the features alone (timm's ``model(images)``, Grad-CAM, the ONNX export's image-only path) it reads
-    every field as unknown. In training each field of each image is replaced by its unknown value with
+    Called with the features alone (timm's ``model(images)``, the ONNX export's image-only path) it reads every
+    field as unknown. In training each field of each image is replaced by its unknown value with
     probability ``field_dropout``, so that the model learns to answer without metadata too."""
 
     def __init__(self, features: int, classes: int, unknown: torch.Tensor, slices: list[tuple[int, int]],

@@ -22,8 +22,9 @@ CHECKPOINT = MODELS / "lesionkit-lite1.ckpt"
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a checkpoint written by `lesionkit train` (default: the model shipped with lesionkit, "
-                             "models/lesionkit-lite1.ckpt, or $LESIONKIT_MODEL)")
+                        help="a checkpoint written by `lesionkit train`, or a `train --folds` run's RUN/ensemble.json "
+                             "(or RUN) where the command takes an ensemble (default: the model shipped with "
+                             "lesionkit, models/lesionkit-lite1.ckpt, or $LESIONKIT_MODEL)")
 
 
 def checkpoint_or_default(checkpoint: Path | None, onnx: bool = False) -> Path:
@@ -31,7 +32,7 @@ def checkpoint_or_default(checkpoint: Path | None, onnx: bool = False) -> Path:
     ONNX export beside it with ``onnx``), announced on standard error so that every output names the file that
     answered."""
     if checkpoint is not None:
-        from lesionkit.serve.ensemble import manifest_for  # NumPy only: predict --backend onnx stays torch-free
+        from lesionkit.serve.ensemble import manifest_for  # no torch: predict --backend onnx stays without it
 
         return manifest_for(checkpoint) or checkpoint
     chosen = Path(os.environ["LESIONKIT_MODEL"]) if os.environ.get("LESIONKIT_MODEL") else CHECKPOINT

@@ -75,8 +75,9 @@ def target_layer(model: nn.Module) -> str:
 
 
 def network(classifier) -> nn.Module:
-    """The module explain runs and differentiates: the framed ``(n, 3, height, width)`` batch to logits. The one
-    place this module reaches into a classifier: an ensemble or a model with metadata serves a module here."""
+    """The network explain differentiates: the framed ``(n, 3, height, width)`` batch to logits (its metadata,
+    for a model that reads some, is bound by :class:`WithMetadata`). The one place this module reaches into a
+    classifier."""
     model = getattr(classifier, "model", None)
     if not isinstance(model, nn.Module):
         raise LesionkitError("explanations need the PyTorch network: load the .ckpt checkpoint (an ONNX export "
@@ -136,9 +137,10 @@ def explain(classifier, image: Image.Image, method: str = "gradcam", class_name:
     """Where ``classifier``'s network looked in ``image`` (RGB) for ``class_name`` (default: its prediction).
 
     ``method``: ``gradcam``, ``gradcam++`` or ``eigencam`` (class-agnostic: ``class_name`` then only chooses the
-    probability and the faithfulness reported). A model that reads clinical metadata is explained with
-    ``metadata``'s values (``{"age": 55, ...}``; unknown where absent), as :func:`lesionkit.serve.answer.assess`
-    answers with them.
+    probability and the faithfulness reported). A model that reads clinical metadata runs with ``metadata``'s
+    values (``{"age": 55, ...}``; unknown where absent), as :func:`lesionkit.serve.answer.assess` answers with
+    them: the default class, the probability and the faithfulness are the answer's. The map of a given class does
+    not change with the metadata, which joins the pooled features after the mapped layer.
     """
     if method not in METHODS:
         raise LesionkitError(f"unknown explanation method {method!r}: use one of {', '.join(METHODS)}")

@@ -140,6 +140,8 @@ class Output:
                  melanoma: dict | None = None, fields: tuple[str, ...] = ()):
         self.fmt, self.classes, self.stream, self.count, self.coverage = fmt, classes, stream, 0, coverage
         self.fields = tuple(fields)
+        # The set's column is padded only where a column follows it.
+        self.set_width = max(len(f"set@{coverage:g}"), len(",".join(classes))) if coverage and fields else 0
         # The table's first column fits every path given, known before any answer.
         self.width = max([len("image")] + [len(str(path)) for path in paths])
         self.refer = f"refer(mel>={melanoma['threshold']:.3g}@sens{melanoma['sensitivity']:g})" if melanoma else "refer"
@@ -150,7 +152,8 @@ class Output:
         elif fmt == "table":
             stream.write(f"{'image':<{self.width}}  {'prediction':<10}  " + "  ".join(f"{c:>6}" for c in classes)
                          + f"  {'ood':>5}  {'ood_score':>9}  {self.refer:>5}"
-                         + (f"  set@{coverage:g}" if coverage else "") + ("  metadata" if self.fields else "")
+                         + (f"  {f'set@{coverage:g}':<{self.set_width}}" if coverage else "")
+                         + ("  metadata" if self.fields else "")
                          + "\n")
         else:
             stream.write("[")
@@ -172,7 +175,7 @@ class Output:
                                   + "  ".join(f"{r['probabilities'][c]:6.3f}" for c in self.classes)
                                   + f"  {_cell(r['out_of_distribution']) or '-':>5}  {_cell(r['ood_score']) or '-':>9}"
                                   + f"  {_cell(r['refer']) or '-':>{len(self.refer)}}"
-                                  + (f"  {','.join(r['prediction_set'])}" if self.coverage else "")
+                                  + (f"  {','.join(r['prediction_set']):<{self.set_width}}" if self.coverage else "")
                                   + (f"  {described(r.get('metadata'))}" if self.fields else "") + "\n")
             self.count += 1
         self.stream.flush()
