@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from lesionkit import LesionkitError
-from lesionkit.commands.clinical import add_clinical_arguments, metadata_source
+from lesionkit.serve.clinical_flags import add_clinical_arguments, metadata_source
 from lesionkit.data.images import load_image
 from lesionkit.files import atomic_write
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lesionkit import LesionkitError
-from lesionkit.commands.clinical import add_clinical_arguments, metadata_source
+from lesionkit.serve.clinical_flags import add_clinical_arguments, metadata_source
 from lesionkit.evaluate.record import refit_command
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
 from lesionkit.serve.answer import check_coverage, missing_parts

@@ -43,8 +43,9 @@ def write_gallery(classifier, frame: pd.DataFrame, probabilities: np.ndarray, ou
     and return the report's ``gallery`` section.
 
     ``frame`` has ``image_id``, ``path`` and ``dx``, and for a model that reads clinical metadata its columns
-    (each map runs with the image's known values, and its entry names them); ``probabilities`` are the evaluated ``(images, classes)``
-    probabilities in ``frame``'s row order: they choose the images and are the ones the captions show.
+    (each map runs with the image's known values, and its entry names them); ``probabilities`` are the evaluated
+    ``(images, classes)`` probabilities in ``frame``'s row order: they choose the images and are the ones the
+    captions show.
     """
     images = {}
     fields = classifier.encoding.fields if classifier.encoding else ()
