@@ -87,6 +87,11 @@ class ClinicalEncoding:
         """``(n, width)``: every field unknown (age missing, sex and site ``unknown``)."""
         return self.encode({}, n)
 
+    def encode_one(self, values: Mapping | None) -> np.ndarray:
+        """``(1, width)``: one patient's ``{"age": 55, ...}`` (fields the model does not read are ignored; a field
+        not given is unknown)."""
+        return self.encode({k: [v] for k, v in (values or {}).items() if k in self.fields}, 1)
+
     def encode(self, columns: Mapping[str, Sequence], n: int | None = None, where: str = "the metadata"
                ) -> np.ndarray:
         """``(n, width)`` float32 of the fields' values in ``columns`` (a DataFrame, or a dict of equal-length

@@ -91,5 +91,5 @@ def assess(classifier: Classifier, image: Image.Image, coverage: float | None = 
     encoding = classifier.encoding
     rows = None
     if encoding is not None and metadata:
-        rows = encoding.encode({k: [v] for k, v in metadata.items() if k in encoding.fields}, 1)
+        rows = encoding.encode_one(metadata)
     return assess_batch(classifier, classifier.transform(image.convert("RGB"))[None], tta, coverage, rows)[0]

@@ -154,8 +154,7 @@ def explain(classifier, image: Image.Image, method: str = "gradcam", class_name:
     layer = model.get_submodule(layer_name)
     encoding = classifier.encoding
     if encoding is not None:
-        values = {k: [v] for k, v in (metadata or {}).items() if k in encoding.fields}
-        model = WithMetadata(model, torch.from_numpy(encoding.encode(values, 1)).to(device))
+        model = WithMetadata(model, torch.from_numpy(encoding.encode_one(metadata)).to(device))
     with gradients_from(model, layer):
         cam = METHODS[method](model, [layer])
         try:  # without a class the CAM explains the top logit: the prediction, whatever the temperature
