@@ -6,6 +6,7 @@ on a one-cycle schedule); layer-wise decay gives each block its rate."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import interrupt_at_epoch, make_ham_folder
@@ -73,6 +74,42 @@ def test_a_run_with_mixup_trains_on_mixed_labels(tmp_path, monkeypatch):
                  "--set", "data.num_workers=0", "--set", "train.accelerator=cpu", "--set", "augment.mixup=0.4",
                  "--set", "train.phases.0.epochs=1", "--set", "train.phases.1.epochs=1"]) == 0
     assert seen and set(seen) == {torch.float32}, "every training batch's labels are mixed probabilities"
+
+
+def test_a_metadata_run_mixes_images_and_metadata_in_one_share(tmp_path, monkeypatch):
+    from lesionkit.model.module import LesionClassifier
+
+    data = make_ham_folder(tmp_path / "ham", lesions_per_class=3)
+    table = pd.read_csv(data / "HAM10000_metadata.csv")
+    table["age"] = 5.0 * (np.arange(len(table)) % 17)  # every image its own age, so that mixing shows
+    table.to_csv(data / "HAM10000_metadata.csv", index=False)
+    step, forward = LesionClassifier.training_step, LesionClassifier.forward
+    raw, mixed, shares = [], [], []
+
+    def in_training(self, batch, batch_idx):
+        (images, metadata), _ = batch
+        raw.append((images.clone(), metadata.clone()))  # timm's Mixup mixes the images in place
+        return step(self, batch, batch_idx)
+
+    def watched(self, inputs):
+        if self.training and isinstance(inputs, (tuple, list)) and len(raw) > len(mixed):
+            mixed.append((inputs[0].clone(), inputs[1].clone()))
+            shares.append(self.mixing.share)
+        return forward(self, inputs)
+
+    monkeypatch.setattr(LesionClassifier, "training_step", in_training)
+    monkeypatch.setattr(LesionClassifier, "forward", watched)
+    assert main(["train", "--data-dir", str(data), "--out", str(tmp_path / "run"), "--model", "test_efficientnet",
+                 "--weights", "none", "--set", "data.image_size=[48,64]", "--set", "data.batch_size=8",
+                 "--set", "data.num_workers=0", "--set", "train.accelerator=cpu", "--set", "augment.mixup=0.4",
+                 "--set", "augment.mix_prob=1.0", "--set", "model.metadata=[age,sex,localization]",
+                 "--set", "train.phases.0.epochs=1", "--set", "train.phases.1.epochs=1"]) == 0
+    assert mixed and len(mixed) == len(raw)
+    for (images, metadata), (images_in, metadata_in), share in zip(raw, mixed, shares, strict=True):
+        assert 0 < share < 1
+        torch.testing.assert_close(images_in, images * share + images.flip(0) * (1 - share))
+        torch.testing.assert_close(metadata_in, metadata * share + metadata.flip(0) * (1 - share))
+        assert not torch.equal(metadata_in, metadata), "the model saw mixed metadata, not each image's own"
 
 
 EMA_RUN = """\
