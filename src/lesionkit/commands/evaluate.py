@@ -17,7 +17,8 @@ from lesionkit.data.split import PARTS, read_split
 from lesionkit.evaluate.bootstrap import BootstrapSettings
 from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.files import file_hash
-from lesionkit.serve.ensemble import manifest_for, run_folder
+from lesionkit.model.shipped import checkpoint_or_default
+from lesionkit.serve.ensemble import run_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                              "--split val (never fit it on test or external data)")
     bootstrap = BootstrapSettings(args.bootstrap, args.seed) if args.bootstrap else None
     settings = EvalSettings(args.batch_size, args.workers, args.device, args.tta, bootstrap, args.gallery)
-    args.checkpoint = manifest_for(args.checkpoint) or args.checkpoint
+    args.checkpoint = checkpoint_or_default(args.checkpoint)  # an ensemble's folder: its manifest
     images, part = select_images(args)
     out = args.out or run_folder(args.checkpoint) / f"evaluate-{part}{'-tta' if args.tta else ''}"
     report = evaluate_frame(args.checkpoint, images, out, settings, fit_temperature_here=fit,

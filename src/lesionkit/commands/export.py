@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lesionkit import LesionkitError
     from lesionkit.data.images import load_image
-    from lesionkit.serve.ensemble import load_torch_classifier, manifest_for
+    from lesionkit.model.shipped import checkpoint_or_default
+    from lesionkit.serve.ensemble import load_torch_classifier
     from lesionkit.serve.export import CHECK_BATCH, check_export, export_classifier, network
     from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
     from lesionkit.serve.predict import collect_images
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     # A wrong path is named before anything is written.
     paths = collect_images(args.check) if args.check else []
     calibration = collect_images(args.calibrate) if args.calibrate else []
-    args.checkpoint = manifest_for(args.checkpoint) or args.checkpoint
+    args.checkpoint = checkpoint_or_default(args.checkpoint)  # an ensemble's folder: its manifest
     classifier = load_torch_classifier(args.checkpoint, "cpu")
     out = export_classifier(classifier, args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
     served = OnnxClassifier(out)

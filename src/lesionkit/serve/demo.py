@@ -87,9 +87,8 @@ def explained(classifier):
 def build_demo(classifier, source: str) -> gr.Blocks:
     """The page, for ``classifier`` (a :class:`lesionkit.serve.torch_classifier.TorchClassifier` or an
     :class:`lesionkit.serve.ensemble.EnsembleClassifier`) whose checkpoint or manifest is named by ``source``."""
-    members = getattr(classifier, "members", None)
-    looked = (f"Grad-CAM of member 1 of the {len(members)}: where it looked for the ensemble's answer" if members
-              else "Grad-CAM: where the network looked for its answer")
+    looked = (f"Grad-CAM of member 1 of the {len(classifier.members)}: where it looked for the ensemble's answer"
+              if explained(classifier) is not classifier else "Grad-CAM: where the network looked for its answer")
     with gr.Blocks(title="lesionkit: skin-lesion classifier (research tool)") as demo:
         gr.Markdown("# lesionkit\nClassify a dermoscopic image of a pigmented skin lesion into HAM10000's seven "
                     "diagnoses.\n\n" + DISCLAIMER)
