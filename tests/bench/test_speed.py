@@ -401,6 +401,7 @@ def test_benchmark_quick_runs_and_reports_every_figure(tmp_path):
     assert figures["onnx"]["onnxruntime_1_thread_latency_ms"] > 0
     for phase in ("frozen", "finetune"):
         assert {"images_per_s", "naive_images_per_s", "ratio"} <= set(figures["training"][phase])
+    assert figures["training"]["finetune_bf16"]["ratio"] > 0, "on a CPU, bf16 autocast is measured against 32-bit"
     assert 0 <= figures["loader"]["wait_share"] <= 1
     # Within 1e-4 on logits large enough for a difference to show (batch_statistics), not on near-zero ones.
     assert figures["onnx"]["max_abs_difference"] <= 1e-4 < 1e-2 < figures["onnx"]["max_abs_logit"]

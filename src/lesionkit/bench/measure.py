@@ -5,7 +5,8 @@ side by side with what it saves against, in one run.
 - training, per phase: images/s of a step (forward, backward, AdamW) with lesionkit's freezing
   (``requires_grad=False`` below the trained layers) vs "the common naive way" (every parameter still
   requires grad, only the optimizer restricted); the frozen phase on stored features too; the full network,
-  and the full network on real images against the way timm's reference ``train.py`` trains it;
+  and the full network on real images against the way timm's reference ``train.py`` trains it; on a CPU the
+  fine-tune step under bfloat16 autocast against 32 bits;
 - head-phase steps with freed memory held in the process (as every ``lesionkit`` command runs) vs glibc's
   defaults, which give large CPU tensors fresh pages at every step (:mod:`lesionkit.allocator`), each side in
   fresh processes;
@@ -85,9 +86,10 @@ def bench_data(frame: pd.DataFrame, pre: Preprocessing, cache_dir: Path) -> dict
             "build_images_per_s": build, "cache": cache}
 
 
-def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch.device):
+def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch.device, bf16: bool | None = None):
     """A training step ``step(images, labels)`` for a phase that trains the top ``unfreeze`` groups, lesionkit's
-    way or the naive way; ``step.prepare()`` puts the model back in that state after another step's use."""
+    way or the naive way; ``step.prepare()`` puts the model back in that state after another step's use.
+    ``bf16``: under bfloat16 autocast; None: as ``train.precision: auto`` trains (bf16 on a GPU only)."""
     trainable = set_trainable(model, unfreeze)
     # The naive way: the optimizer holds the trainable part, but autograd still tracks every parameter.
     flags = [naive or p.requires_grad for p in model.parameters()]
@@ -100,10 +102,11 @@ def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch
     prepare()
     optimizer = adamw(trainable, lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
+    autocast = device.type == "cuda" if bf16 is None else bf16
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = criterion(model(images), labels)
         loss.backward()
         optimizer.step()
@@ -128,6 +131,9 @@ def bench_training(model: torch.nn.Module, size: tuple[int, int], batch_size: in
     variants = {(phase, naive): train_step(model, unfreeze, naive, device)
                 for phase, unfreeze in (("frozen", 0), ("finetune", 1), ("full", -1))
                 for naive in ((False, True) if unfreeze != -1 else (False,))}
+    # On a CPU, whether bfloat16 autocast would pay (``train.precision: bf16-mixed``; ``auto`` keeps 32-bit there).
+    if device.type == "cpu":
+        variants["finetune", "bf16"] = train_step(model, 1, False, device, bf16=True)
     # Two interleaved rounds, the better of each kept: a busy machine slows one round, rarely both.
     best = dict.fromkeys(variants, 0.0)
     for _ in range(2):
@@ -139,6 +145,9 @@ def bench_training(model: torch.nn.Module, size: tuple[int, int], batch_size: in
         results[phase] = {"unfreeze": unfreeze, "images_per_s": best[phase, False]}
         if (phase, True) in best:
             results[phase].update(naive_images_per_s=best[phase, True], ratio=best[phase, False] / best[phase, True])
+    if ("finetune", "bf16") in best:
+        results["finetune_bf16"] = {"images_per_s": best["finetune", "bf16"],
+                                    "ratio": best["finetune", "bf16"] / best["finetune", False]}
     # The frozen phase on stored features (cache_features): dropout + linear per step.
     set_trainable(model, 0)
     with torch.inference_mode():

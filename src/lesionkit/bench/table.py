@@ -35,6 +35,9 @@ def table(result: dict) -> str:
         f"  on stored features {t['frozen']['cached_features_images_per_s']:8.0f} img/s (cache_features: true)",
         f"fine-tune phase  {t['finetune']['images_per_s']:8.1f} img/s   "
         f"naive {t['finetune']['naive_images_per_s']:8.1f} img/s   {t['finetune']['ratio']:5.2f}x",
+        *([f"  bf16 autocast  {t['finetune_bf16']['images_per_s']:8.1f} img/s   32-bit "
+           f"{t['finetune']['images_per_s']:8.1f} img/s   {t['finetune_bf16']['ratio']:5.2f}x   "
+           f"(train.precision: bf16-mixed on this CPU)"] if "finetune_bf16" in t else []),
         f"full network     {t['full']['images_per_s']:8.1f} img/s (BatchNorm statistics frozen, random batch)",
         f"  real images at {f['size'][0]}x{f['size'][1]}, batch {f['batch_size']}, BatchNorm updating: lesionkit "
         f"{f['images_per_s']:.1f} img/s   timm train.py way {f['timm_train_py_images_per_s']:.1f} img/s   "
