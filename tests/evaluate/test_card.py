@@ -31,6 +31,8 @@ def test_card_of_a_real_run_has_every_section_and_the_runs_figures(smoke_run, ca
     assert "not a medical device" in card and "CC BY-NC 4.0" in card and "dermoscopy" in card.lower()
     assert "histopathology" in card, "dx_type from the metadata the run recorded"
     assert "grouped by `lesion_id`" in card
+    provenance = json.loads((smoke_run / "provenance.json").read_text())
+    assert f"trained on {provenance['hardware']['processor']}." in card
     report = json.loads((smoke_run / "report.json").read_text())
     assert f"{100 * report['balanced_accuracy']:.1f}%" in card, "the validation figure, as measured"
     test = json.loads((smoke_run / "test" / "report.json").read_text())

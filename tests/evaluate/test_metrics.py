@@ -12,7 +12,7 @@ from lesionkit.evaluate.bootstrap import BootstrapSettings, intervals, resample_
 from lesionkit.evaluate.calibration import fit_temperature, reliability_bins
 from lesionkit.evaluate.report import build_report
 from lesionkit.serve.classifier import softmax
-from lesionkit.evaluate.compare import comparison_table
+from lesionkit.evaluate.compare import comparison_table, hardware_note
 from lesionkit.data.labels import read_labels
 from lesionkit.evaluate.metrics import (brier_score, classification_metrics, expected_calibration_error,
                                operating_points)
@@ -149,6 +149,37 @@ def test_subgroups_count_and_mark_small_groups():
     assert list(groups["age_band"]) == ["45-59", "unknown"] and groups["age_band"]["unknown"]["images"] == 100
 
 
+def provenance(run, *sessions: dict) -> None:
+    first, *resumed = [{"hardware": hardware} for hardware in sessions]
+    (run / "provenance.json").write_text(json.dumps({**first, **({"resumed": resumed} if resumed else {})}))
+
+
+def test_compare_names_the_hardware_each_model_trained_on_and_warns_when_it_differs(tmp_path):
+    xeon, epyc = ({"processor": f"{name}, 2 cores, AVX512", "gpus": []} for name in ("Xeon", "EPYC"))
+    h200 = {"processor": "EPYC, 16 cores, AVX512", "gpus": ["NVIDIA H200"]}
+    labels, logits = case()
+    runs = {name: tmp_path / name for name in ("base", "arm", "moved", "ensemble", "gpu")}
+    for run in runs.values():
+        run.mkdir()
+        (run / "report.json").write_text(json.dumps(build_report(labels, softmax(logits), list(CLASSES)).to_dict()))
+    provenance(runs["base"], xeon)
+    provenance(runs["arm"], xeon)
+    (runs["arm"] / "evaluate-val").mkdir()  # an evaluation folder inside the run reads the run's provenance
+    (runs["arm"] / "evaluate-val" / "report.json").write_text((runs["arm"] / "report.json").read_text())
+    provenance(runs["moved"], xeon, epyc)  # resumed on another machine
+    for fold in ("fold-1", "fold-2"):
+        (runs["ensemble"] / fold).mkdir()
+        provenance(runs["ensemble"] / fold, xeon)
+    provenance(runs["gpu"], h200)
+    same = comparison_table([runs["base"], runs["arm"] / "evaluate-val", runs["ensemble"]])
+    assert list(same["trained on"]) == [xeon["processor"]] * 3 and hardware_note(same) is None
+    mixed = comparison_table([runs["base"], runs["moved"], runs["gpu"]])
+    assert list(mixed["trained on"]) == [xeon["processor"], f"{xeon['processor']} / {epyc['processor']}",
+                                         "1x NVIDIA H200"]
+    assert "3 different machines" in hardware_note(mixed) and "compare runs trained on one machine" in \
+        hardware_note(mixed)
+
+
 def test_compare_puts_reports_side_by_side(tmp_path):
     for name, value in (("a", 0.61), ("b", 0.55)):
         (tmp_path / name).mkdir()
@@ -161,6 +192,7 @@ def test_compare_puts_reports_side_by_side(tmp_path):
     table = comparison_table([tmp_path / "a", tmp_path / "b" / "report.json"])
     assert list(table["balanced accuracy"]) == ["61.0% [56.0, 65.0]", "55.0% [50.0, 59.0]"]
     assert list(table["TTA"]) == ["no", "yes"] and list(table["ECE"]) == ["3.0%", "3.0%"]
+    assert list(table["trained on"]) == ["unknown", "unknown"] and hardware_note(table) is None
     with pytest.raises(LesionkitError, match="neither a report.json"):
         comparison_table([tmp_path / "none"])
     (tmp_path / "partial.json").write_text(json.dumps({"balanced_accuracy": 0.5}))

@@ -87,6 +87,9 @@ def test_same_seed_same_data_same_run(setup):
     assert provenance["seed"] == 42 and provenance["data"]["images"] == 56
     assert provenance["data"] == json.loads((reference / "provenance.json").read_text())["data"]
     assert provenance["versions"]["torch"] == torch.__version__.split("+")[0]
+    # The processor, since the same recipe and seed give other figures on another one.
+    assert torch.backends.cpu.get_cpu_capability() in provenance["hardware"]["processor"]
+    assert provenance["hardware"]["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
 def test_ctrl_c_then_kill_9_then_resume_ends_identically(setup):

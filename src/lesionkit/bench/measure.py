@@ -20,10 +20,8 @@ Steps run on random tensors except where the data is the point, so the training 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,6 +38,7 @@ from lesionkit import LesionkitError
 from lesionkit.bench.against_timm import bench_full_network
 from lesionkit.allocator import hold_freed_memory, user_chose_allocator
 from lesionkit.data.cache import build_cache
+from lesionkit.machine import processor
 from lesionkit.config import AugmentConfig, ModelConfig
 from lesionkit.data.metadata import load_dataset
 from lesionkit.data.datasets import ImageDataset, make_loader
@@ -297,16 +296,6 @@ def bench_inference(model: torch.nn.Module, pre: Preprocessing, meta: dict, batc
     return evaluation, onnx
 
 
-def cpu_description() -> str:
-    """The processor, its core count and the widest vector instructions PyTorch uses on it: the ratios depend on
-    it (docs/speed.md has machines whose onnxruntime figures differ)."""
-    name = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
-    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
-
-
 def threading_environment() -> dict:
     """The OpenMP settings that change PyTorch's CPU figures, where set."""
     return {name: os.environ[name] for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if name in os.environ}
@@ -366,7 +355,7 @@ def benchmark(data_dir: Path | None, *, quick: bool, model_name: str, batch_size
         announce(5)
         wait = bench_loader_wait(model, frame, pre, cache, 4 if quick else batch_size, steps + 1, device)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} "
-            f"threads)", "cpu": cpu_description(), "model": model_name, "input": [pre.height, pre.width],
+            f"threads)", "cpu": processor(), "model": model_name, "input": [pre.height, pre.width],
             "data_source": source, "quick": quick, "torch": torch.__version__,
             "environment": threading_environment(), "cache": data,
             "training": training, "allocator": allocator, "loader": wait, "evaluation": evaluation, "onnx": onnx,

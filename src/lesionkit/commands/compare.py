@@ -13,13 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lesionkit.evaluate.compare import comparison_markdown, comparison_table
+    from lesionkit.evaluate.compare import comparison_markdown, comparison_table, hardware_note
     from lesionkit.files import atomic_write_csv, atomic_write_text
 
     table = comparison_table(args.reports)
     markdown = comparison_markdown(table)
     print("Values with 95% bootstrap intervals in brackets; ECE after temperature scaling where fitted.\n")
     print(markdown)
+    note = hardware_note(table)
+    if note:
+        print(f"\n{note}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.out.suffix.lower() == ".csv":

@@ -18,6 +18,7 @@ import yaml
 from lesionkit import LesionkitError, __version__
 from lesionkit.evaluate.render import markdown_table
 from lesionkit.evaluate.report import HEADLINE, Report, load_report
+from lesionkit.machine import describe
 
 # HAM10000's dx_type: how each diagnosis was confirmed (Tschandl et al. 2018).
 DX_TYPES = {"histo": "histopathology", "follow_up": "follow-up examination", "consensus": "expert consensus",
@@ -83,7 +84,8 @@ def model_card(run: Path, name: str | None = None) -> str:
               f"- Input: {pre.get('height', '?')}x{pre.get('width', '?')} px (height x width), scaled to cover and "
               f"centre-cropped, mean {pre.get('mean')} and std {pre.get('std')}.",
               f"- Written by lesionkit {provenance.get('lesionkit_version', __version__)}, commit "
-              f"{provenance.get('git_commit') or 'unknown'}, on {provenance.get('time', 'an unknown date')}.",
+              f"{provenance.get('git_commit') or 'unknown'}, on {provenance.get('time', 'an unknown date')}"
+              + (f", trained on {describe(provenance['hardware'])}." if provenance.get("hardware") else "."),
               "- Licence of the weights: derived from HAM10000 (CC BY-NC 4.0): non-commercial use, with attribution.",
               ""]
 

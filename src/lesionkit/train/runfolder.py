@@ -1,5 +1,5 @@
 """The run folder: one run per folder, a folder checked before a run writes into it, and a record of what made
-the run (library versions, git commit, seed, the data's fingerprint) in ``provenance.json``."""
+the run (library versions, git commit, seed, the data's fingerprint, the hardware) in ``provenance.json``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pandas as pd
 
 from lesionkit import LesionkitError, __version__
 from lesionkit.files import atomic_write_text, disk_error, file_hash
+from lesionkit.machine import hardware
 
 LOCK_NAME = ".lock"
 PROVENANCE_NAME = "provenance.json"
@@ -128,7 +129,7 @@ def write_provenance(out: Path, *, seed: int, split_seed: int, data: dict, resum
     path = out / PROVENANCE_NAME
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     session = {"time": now, "command": sys.argv, "git_commit": git_commit(), "versions": library_versions(),
-               "host": platform.node()}
+               "host": platform.node(), "hardware": hardware()}
     if resume and path.is_file():
         record = json.loads(path.read_text())
         if record.get("data", {}).get("images_md5") != data["images_md5"] or \
