@@ -61,8 +61,8 @@ def hardware_note(table: pd.DataFrame) -> str | None:
     if len(machines) < 2:
         return None
     return (f"Note: these models were trained on {len(machines)} different machines ({'; '.join(sorted(machines))}). "
-            f"The same recipe and seed give different figures on different processors, by as much as a reseed "
-            f"does: compare runs trained on one machine.")
+            f"The same recipe and seed can give other figures on another processor (PyTorch picks other vector "
+            f"kernels), by as much as a reseed does: compare runs trained on one machine.")
 
 
 def comparison_table(paths: list[Path]) -> pd.DataFrame:
