@@ -38,7 +38,7 @@ from lesionkit import LesionkitError
 from lesionkit.bench.against_timm import bench_full_network
 from lesionkit.allocator import hold_freed_memory, user_chose_allocator
 from lesionkit.data.cache import build_cache
-from lesionkit.machine import processor
+from lesionkit.train.runfolder import processor
 from lesionkit.config import AugmentConfig, ModelConfig
 from lesionkit.data.metadata import load_dataset
 from lesionkit.data.datasets import ImageDataset, make_loader

@@ -18,7 +18,7 @@ import yaml
 from lesionkit import LesionkitError, __version__
 from lesionkit.evaluate.render import markdown_table
 from lesionkit.evaluate.report import HEADLINE, Report, load_report
-from lesionkit.machine import describe
+from lesionkit.train.runfolder import describe
 
 # HAM10000's dx_type: how each diagnosis was confirmed (Tschandl et al. 2018).
 DX_TYPES = {"histo": "histopathology", "follow_up": "follow-up examination", "consensus": "expert consensus",

@@ -15,9 +15,8 @@ import pandas as pd
 
 from lesionkit.evaluate.render import markdown_table
 from lesionkit.evaluate.report import HEADLINE, Report, load_report
-from lesionkit.machine import describe
 from lesionkit.serve.ensemble import run_folder
-from lesionkit.train.runfolder import PROVENANCE_NAME
+from lesionkit.train.runfolder import PROVENANCE_NAME, describe
 
 UNKNOWN = "unknown"
 

@@ -1,5 +1,8 @@
 """The run folder: one run per folder, a folder checked before a run writes into it, and a record of what made
-the run (library versions, git commit, seed, the data's fingerprint, the hardware) in ``provenance.json``."""
+the run (library versions, git commit, seed, the data's fingerprint, the hardware) in ``provenance.json``.
+
+The hardware is recorded because a recipe's figures can move with the processor alone (PyTorch picks other
+vector kernels, which sum in another order); ``lesionkit compare`` reads it to say so."""
 
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import pandas as pd
 
 from lesionkit import LesionkitError, __version__
 from lesionkit.files import atomic_write_text, disk_error, file_hash
-from lesionkit.machine import hardware
 
 LOCK_NAME = ".lock"
 PROVENANCE_NAME = "provenance.json"
@@ -100,6 +102,40 @@ def git_commit(where: Path = Path(__file__).parent) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def processor() -> str:
+    """The processor's name (with its family and model, which tell apart generations sold under one name), its
+    core count and the widest vector instructions PyTorch uses on it."""
+    import torch
+
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def hardware() -> dict:
+    """The processor and the GPUs this process sees, as ``provenance.json`` records them."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"processor": processor(), "gpus": gpus}
+
+
+def describe(record: dict | None) -> str:
+    """One line for a :func:`hardware` record: the GPUs where there are any, else the processor."""
+    if not record:
+        return "unknown"
+    gpus = record.get("gpus") or []
+    if gpus:
+        return ", ".join(f"{gpus.count(g)}x {g}" for g in dict.fromkeys(gpus))
+    return record.get("processor") or "unknown"
 
 
 def library_versions() -> dict[str, str | None]:
