@@ -85,10 +85,10 @@ def bench_data(frame: pd.DataFrame, pre: Preprocessing, cache_dir: Path) -> dict
             "build_images_per_s": build, "cache": cache}
 
 
-def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch.device, bf16: bool | None = None):
+def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch.device, bf16: bool = False):
     """A training step ``step(images, labels)`` for a phase that trains the top ``unfreeze`` groups, lesionkit's
     way or the naive way; ``step.prepare()`` puts the model back in that state after another step's use.
-    ``bf16``: under bfloat16 autocast; None: as ``train.precision: auto`` trains (bf16 on a GPU only)."""
+    Under bfloat16 autocast on a GPU, as ``train.precision: auto`` trains, and on a CPU with ``bf16``."""
     trainable = set_trainable(model, unfreeze)
     # The naive way: the optimizer holds the trainable part, but autograd still tracks every parameter.
     flags = [naive or p.requires_grad for p in model.parameters()]
@@ -101,7 +101,7 @@ def train_step(model: torch.nn.Module, unfreeze: int, naive: bool, device: torch
     prepare()
     optimizer = adamw(trainable, lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
-    autocast = device.type == "cuda" if bf16 is None else bf16
+    autocast = device.type == "cuda" or bf16
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)

@@ -16,9 +16,7 @@ import pandas as pd
 from lesionkit.evaluate.render import markdown_table
 from lesionkit.evaluate.report import HEADLINE, Report, load_report
 from lesionkit.serve.ensemble import run_folder
-from lesionkit.train.runfolder import PROVENANCE_NAME, describe
-
-UNKNOWN = "unknown"
+from lesionkit.train.runfolder import PROVENANCE_NAME, UNKNOWN_HARDWARE, describe
 
 
 def _cell(report: Report, key: str) -> str:
@@ -51,12 +49,12 @@ def trained_on(path: Path, report: Report) -> str:
         with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
             record = json.loads((run / PROVENANCE_NAME).read_text())
             machines += [describe(session.get("hardware")) for session in [record, *record.get("resumed", [])]]
-    return " / ".join(dict.fromkeys(m for m in machines if m != UNKNOWN)) or UNKNOWN
+    return " / ".join(dict.fromkeys(m for m in machines if m != UNKNOWN_HARDWARE)) or UNKNOWN_HARDWARE
 
 
 def hardware_note(table: pd.DataFrame) -> str | None:
     """A warning when the table's models were trained on different hardware, else None."""
-    machines = set(table["trained on"]) - {UNKNOWN}
+    machines = set(table["trained on"]) - {UNKNOWN_HARDWARE}
     if len(machines) < 2:
         return None
     return (f"Note: these models were trained on {len(machines)} different machines ({'; '.join(sorted(machines))}). "

@@ -128,14 +128,17 @@ def hardware() -> dict:
     return {"processor": processor(), "gpus": gpus}
 
 
+UNKNOWN_HARDWARE = "unknown"
+
+
 def describe(record: dict | None) -> str:
     """One line for a :func:`hardware` record: the GPUs where there are any, else the processor."""
     if not record:
-        return "unknown"
+        return UNKNOWN_HARDWARE
     gpus = record.get("gpus") or []
     if gpus:
         return ", ".join(f"{gpus.count(g)}x {g}" for g in dict.fromkeys(gpus))
-    return record.get("processor") or "unknown"
+    return record.get("processor") or UNKNOWN_HARDWARE
 
 
 def library_versions() -> dict[str, str | None]:
