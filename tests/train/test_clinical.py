@@ -128,6 +128,32 @@ def test_a_metadata_run_carries_its_encoding_and_reports_with_and_without_metada
     assert "also reads age, sex, localization" in card and "Without the clinical metadata" in card
 
 
+def test_the_logits_without_metadata_come_from_the_same_backbone_passes(metadata_run, monkeypatch):
+    from lesionkit.serve.classifier import view_logits, view_outputs
+    from lesionkit.serve.torch_classifier import TorchClassifier
+
+    root, _ = metadata_run
+    classifier = TorchClassifier.load(root / "run" / "checkpoints" / "best.ckpt")
+    enc = classifier.encoding
+    batch = np.random.default_rng(0).random((3, 3, 48, 64), dtype=np.float32)
+    given = enc.encode({"age": [20, 50, 80], "localization": ["back", "face", "foot"]})
+    outputs = view_outputs(classifier, batch, True, given, unknown_too=True)
+    assert outputs.logits.shape == outputs.unknown_logits.shape == (3, 8, 7)
+    np.testing.assert_allclose(outputs.logits, view_logits(classifier, batch, True, given), atol=1e-5)
+    # The head alone on the stored features gives what a pass without metadata gives, view by view.
+    np.testing.assert_allclose(outputs.unknown_logits, view_logits(classifier, batch, True), atol=1e-5)
+    assert not np.allclose(outputs.logits, outputs.unknown_logits, atol=1e-3)
+    # A backend that cannot run its head alone (an export, an ensemble) gets passes of their own, alike.
+    passes = []
+    monkeypatch.setattr(classifier, "head_logits", lambda features, metadata=None: None)
+    monkeypatch.setattr(classifier, "logits", lambda view, metadata=None: passes.append(view) or
+                        TorchClassifier.logits(classifier, view, metadata))
+    fallback = view_outputs(classifier, batch, True, given, unknown_too=True)
+    assert len(passes) == 8
+    np.testing.assert_allclose(fallback.unknown_logits, outputs.unknown_logits, atol=1e-5)
+    assert view_outputs(classifier, batch, False, given).unknown_logits is None
+
+
 def test_predict_takes_metadata_from_flags_or_a_csv_and_through_onnx(metadata_run, capsys):
     root, data = metadata_run
     checkpoint = root / "run" / "checkpoints" / "best.ckpt"

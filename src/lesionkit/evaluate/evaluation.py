@@ -92,11 +92,12 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
         cache = find_cache(images.trained_on, classifier.preprocessing, cache_dir)
     encoding = classifier.encoding
 
-    def outputs(encoding):
-        dataset = ImageDataset.from_frame(frame, tensor_transform(classifier), cache, encoding)
-        return loader_outputs(classifier, make_loader(dataset, settings.batch_size, train=False,
-                                                      workers=settings.workers), tta)
-    logits, features = outputs(encoding)  # (images, views, classes), plain (images, width)
+    dataset = ImageDataset.from_frame(frame, tensor_transform(classifier), cache, encoding)
+    # (images, views, classes), the plain view's (images, width), and the logits without metadata for a model that
+    # reads it.
+    logits, features, unknown_logits = loader_outputs(
+        classifier, make_loader(dataset, settings.batch_size, train=False, workers=settings.workers), tta,
+        unknown_too=encoding is not None)
     labels = np.array([classifier.classes.index(d) for d in frame["dx"]])
     lesions_known = "lesion_id" in frame and frame["lesion_id"].notna().all()
     groups = (frame["lesion_id"] if lesions_known else frame["image_id"]).to_numpy()
@@ -120,7 +121,7 @@ def evaluate_frame(checkpoint: Path, images: Images, out_dir: Path, settings: Ev
         report.intervals, report.bootstrap = drawn["intervals"], drawn["bootstrap"]
         report.bootstrap["unit"] = "lesion" if lesions_known else "image"
     if encoding is not None:
-        without = average_probabilities(outputs(None)[0], temperature)
+        without = average_probabilities(unknown_logits, temperature)
         report.metadata = {"fields": list(encoding.fields), "given": encoding.describe(frame),
                            "with": headline(labels, probabilities, classifier.classes),
                            "without": headline(labels, without, classifier.classes)}
@@ -184,20 +185,23 @@ def tensor_transform(classifier: Classifier):
     return getattr(classifier, "eval_transform", None) or _FromArray(classifier)
 
 
-def loader_outputs(classifier: Classifier, loader, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+def loader_outputs(classifier: Classifier, loader, tta: bool, unknown_too: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(n, views, classes)`` logits and the plain view's ``(n, width)`` pooled features for every image a loader
-    yields (with the metadata it yields), in order, from the same forward passes."""
-    logits, features = [], []
+    yields (with the metadata it yields), in order, from the same forward passes; with ``unknown_too``, the logits
+    with every metadata field unknown too (:func:`lesionkit.serve.classifier.view_outputs`), else None."""
+    logits, features, unknown = [], [], []
     with tqdm(total=len(loader.dataset), desc="Evaluating" + (", 8 views each" if tta else ""), unit="img",
               delay=1, leave=False) as bar:
         for inputs, _ in loader:  # images, or (images, metadata) for a model that reads metadata
             batch, metadata = inputs if isinstance(inputs, (tuple, list)) else (inputs, None)
-            batch_logits, batch_features = view_outputs(classifier, batch.numpy(), tta,
-                                                        None if metadata is None else metadata.numpy())
-            logits.append(batch_logits)
-            features.append(batch_features)
+            outputs = view_outputs(classifier, batch.numpy(), tta, None if metadata is None else metadata.numpy(),
+                                   unknown_too)
+            logits.append(outputs.logits)
+            features.append(outputs.ood_inputs)
+            unknown.append(outputs.unknown_logits)
             bar.update(len(batch))
-    return np.concatenate(logits), np.concatenate(features)
+    return np.concatenate(logits), np.concatenate(features), np.concatenate(unknown) if unknown_too else None
 
 
 def calibration_section(labels: np.ndarray, probabilities: dict[str, np.ndarray | None], temperature: float | None,

@@ -57,7 +57,7 @@ def assess_batch(classifier: Classifier, batch: np.ndarray, tta: bool = False,
     """One answer per image of an ``(n, 3, height, width)`` batch (see the module's docstring for the fields),
     with its encoded ``metadata`` rows where the model reads them."""
     calibration, classes = classifier.calibration, classifier.classes
-    logits, features = view_outputs(classifier, batch, tta, metadata)
+    logits, features, _ = view_outputs(classifier, batch, tta, metadata)
     averaged = average_probabilities(logits, classifier.temperature)
     plain = average_probabilities(logits[:, :1], classifier.temperature)
     n = len(batch)

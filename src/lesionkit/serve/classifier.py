@@ -13,7 +13,7 @@ evaluation (``--tta``) and reported as such, never picked on test results; it co
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
@@ -49,6 +49,10 @@ class Classifier(Protocol):
                             ) -> tuple[np.ndarray | None, np.ndarray]:
         """The pooled pre-logit features (None where the export has none) and the logits, in one pass."""
 
+    def head_logits(self, features: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray | None:
+        """The logits of pooled ``features`` from :meth:`features_and_logits` (with ``metadata`` as there), from the
+        network's head alone; None where the backend cannot run its head without the rest of the network."""
+
 
 def views(batch: np.ndarray) -> list[np.ndarray]:
     """The eight D4 views of an ``(n, c, h, w)`` batch, identity first, in :data:`VIEW_NAMES` order."""
@@ -69,14 +73,31 @@ def view_logits(classifier: Classifier, batch: np.ndarray, tta: bool, metadata: 
     return np.stack([classifier.logits(view, metadata) for view in (views(batch) if tta else [batch])], axis=1)
 
 
-def view_outputs(classifier: Classifier, batch: np.ndarray, tta: bool, metadata: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(n, views, classes)`` logits as :func:`view_logits`, and what the out-of-distribution detector reads of
-    the plain view (its pooled features and colour moments, :func:`lesionkit.evaluate.ood.ood_inputs`; None where
-    an export has no features), from the same passes."""
-    features, plain = classifier.features_and_logits(batch, metadata)
-    turned = [classifier.logits(view, metadata) for view in views(batch)[1:]] if tta else []
-    return np.stack([plain, *turned], axis=1), None if features is None else ood_inputs(features, batch)
+class ViewOutputs(NamedTuple):
+    logits: np.ndarray
+    """``(n, views, classes)``: one view without TTA, eight with it (each with the image's metadata)."""
+    ood_inputs: np.ndarray | None
+    """What the out-of-distribution detector reads of the plain view (its pooled features and colour moments,
+    :func:`lesionkit.evaluate.ood.ood_inputs`); None where an export has no features."""
+    unknown_logits: np.ndarray | None = None
+    """Like ``logits``, with every metadata field unknown; only where asked for."""
+
+
+def view_outputs(classifier: Classifier, batch: np.ndarray, tta: bool, metadata: np.ndarray | None = None,
+                 unknown_too: bool = False) -> ViewOutputs:
+    """The logits of each view and what the out-of-distribution detector reads, from the same passes; with
+    ``unknown_too``, the logits with every metadata field unknown as well, from the head alone on the same
+    features where the classifier can run it (PyTorch's), from passes of their own otherwise."""
+    passes = [classifier.features_and_logits(view, metadata) for view in (views(batch) if tta else [batch])]
+    features = passes[0][0]
+    logits = np.stack([view_logits for _, view_logits in passes], axis=1)
+    unknown = None
+    if unknown_too:
+        heads = [None if f is None else classifier.head_logits(f) for f, _ in passes]
+        if any(head is None for head in heads):
+            heads = [classifier.logits(view) for view in (views(batch) if tta else [batch])]
+        unknown = np.stack(heads, axis=1)
+    return ViewOutputs(logits, None if features is None else ood_inputs(features, batch), unknown)
 
 
 def average_probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:

@@ -163,6 +163,9 @@ class EnsembleClassifier:
         features, first = self.members[0].features_and_logits(batch, metadata)
         return features, self.combine([first, *(member.logits(batch, metadata) for member in self.members[1:])])
 
+    def head_logits(self, features: np.ndarray, metadata: np.ndarray | None = None) -> None:
+        return None  # the features are the first member's; the others' heads need their own
+
 
 def load_torch_classifier(checkpoint: Path, device: str = "cpu"):
     """What ``--checkpoint`` names under PyTorch: a checkpoint's :class:`TorchClassifier`, or the

@@ -82,3 +82,8 @@ class TorchClassifier:
         features = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
         logits = self.model.get_classifier()(features, *self._metadata(metadata))
         return features.float().cpu().numpy(), logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def head_logits(self, features: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
+        features = torch.as_tensor(features, dtype=torch.float32).to(self.device)
+        return self.model.get_classifier()(features, *self._metadata(metadata)).float().cpu().numpy()
