@@ -6,6 +6,7 @@ One tiny job (timm's ``test_efficientnet``, 48x64 px, one epoch per phase) serve
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,15 @@ train:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_pace_of_the_folds_left_comes_from_those_trained_whole():
+    from lesionkit.train.folds import pace
+
+    assert pace(2, 5, [3000.0, 3600.0], 3) == ("Fold 2/5: 3 fold(s) to go, about 2.8 h at 55 min a fold (stop at "
+                                               "any time: the same command with --resume continues)")
+    assert pace(3, 5, [], 2) == "Fold 3/5: 2 fold(s) to go"
+    assert pace(5, 5, [60.0], 0) == "Fold 5/5: every fold has finished"
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +86,9 @@ def test_an_interrupted_fold_resumes_from_its_checkpoint_and_a_finished_one_is_s
     data, run, _, first, second = folds_run
     assert f"lesionkit train --folds 2 --out {run} --resume" in first[2] and "Traceback" not in first[2]
     assert "Fold 1/2: finished" in second[1] and f"Fold 2/2: resuming {run / 'fold-2'}" in second[1]
+    # A fold trained whole sets the pace of those left; a resumed one does not.
+    assert re.search(r"Fold 1/2: 1 fold\(s\) to go, about \d+ min at \d+ min a fold", first[1])
+    assert "Fold 2/2: every fold has finished" in second[1] and "a fold" not in second[1]
     fold_2 = run / "fold-2"
     assert list(pd.read_csv(fold_2 / "metrics.csv")["phase"]) == ["head", "finetune"]
     assert len(json.loads((fold_2 / "provenance.json").read_text())["resumed"]) == 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def train_folds(config: Config, out: Path, folds: int, resume: bool = False) -> 
         dataset = check_data(config)
         frame = limit_per_class(dataset.usable, config.data.per_class_limit, config.split.seed)
         splits = make_folds(frame, folds, config.split.test_fraction, config.split.seed)
+        paces = []  # seconds of each fold trained from its start by this call
         for n, split in enumerate(splits, 1):
             fold = fold_folder(out, n)
             if n in finished:
@@ -60,16 +62,35 @@ def train_folds(config: Config, out: Path, folds: int, resume: bool = False) -> 
             if not begun:
                 fold.mkdir(parents=True, exist_ok=True)
                 save_split(split, fold / "split.csv")
+            started = time.monotonic()
             report = train(fold_config(config, fold), fold, resume=begun)
             if rank_zero_only.rank != 0:
                 continue
             print(f"Fold {n}/{folds} validation (best checkpoint): {report.headline()}")
             finished = sorted({*finished, n})
             record(out, folds, finished)
+            if not begun:  # a whole fold's time: the pace of those left
+                paces.append(time.monotonic() - started)
+            print(pace(n, folds, paces, folds - len(finished)))
         if rank_zero_only.rank != 0:
             return {}
         return summarise(config, out, [read_split(fold_folder(out, n) / "split.csv", dataset.frame)
                                        for n in range(1, folds + 1)], frame, sorted(dataset.problems))
+
+
+def pace(n: int, folds: int, paces: list[float], left: int) -> str:
+    """How long fold ``n`` took, and how long the ``left`` folds will at the pace of those trained whole."""
+    if not left:
+        return f"Fold {n}/{folds}: every fold has finished"
+    if not paces:
+        return f"Fold {n}/{folds}: {left} fold(s) to go"
+    mean = sum(paces) / len(paces)
+    return (f"Fold {n}/{folds}: {left} fold(s) to go, about {minutes(left * mean)} at {minutes(mean)} a fold "
+            f"(stop at any time: the same command with --resume continues)")
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def fold_config(config: Config, fold: Path) -> Config:
