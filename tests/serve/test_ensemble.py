@@ -137,3 +137,50 @@ def test_serve_takes_an_ensembles_run_folder(ensemble, tmp_path, monkeypatch):
     assert main(["serve", "--checkpoint", str(root)]) == 0
     assert isinstance(served["classifier"], EnsembleClassifier) and served["source"] == str(folder_manifest)
     assert len(served["classifier"].members) == 2
+
+
+def metadata_member(seed: int, ages: list[float], fields=("age", "sex", "localization")) -> TorchClassifier:
+    """A member that reads metadata, its age scaled by a training part of ``ages`` (as each fold's is)."""
+    import pandas as pd
+    import timm
+
+    from lesionkit.data.clinical import ClinicalEncoding
+    from lesionkit.data.preprocessing import Preprocessing
+    from lesionkit.model.network import attach_metadata
+
+    torch.manual_seed(seed)
+    part = pd.DataFrame({"age": ages, "sex": "male", "localization": "back"})
+    encoding = ClinicalEncoding.fit(fields, part, part)
+    model = attach_metadata(timm.create_model("test_efficientnet", num_classes=len(CLASSES)), encoding)
+    torch.nn.init.normal_(model.get_classifier().fc.weight, std=0.3)  # logits that move by units with metadata
+    meta = {"model_name": "test_efficientnet", "classes": list(CLASSES), "metadata": encoding.to_dict()}
+    return TorchClassifier(model, Preprocessing(48, 64, (0.5,) * 3, (0.5,) * 3), meta, Calibration(temperature=1.5))
+
+
+def test_members_whose_folds_scaled_age_apart_read_one_vector_as_each_read_its_own():
+    from lesionkit.serve.export import network
+
+    single = [metadata_member(1, [30, 40, 50]), metadata_member(2, [55, 70, 85, 60])]
+    assert single[0].encoding.age_mean != single[1].encoding.age_mean
+    patients = {"age": [20, 62.5, None], "sex": ["female", "male", ""], "localization": ["face", "back", ""]}
+    x = batch(3)
+    expected = np.mean([softmax(m.logits(x, m.encoding.encode(patients)), m.temperature) for m in single], axis=0)
+    alone = np.mean([softmax(m.logits(x), m.temperature) for m in single], axis=0)
+
+    classifier = EnsembleClassifier(single)
+    rows = classifier.encoding.encode(patients)
+    assert np.allclose(softmax(classifier.logits(x, rows)), expected, atol=1e-5)
+    assert np.allclose(softmax(classifier.logits(x)), alone, atol=1e-5), "no metadata: every field unknown"
+    assert not np.allclose(expected, alone, atol=1e-2), "the metadata must matter for the check to mean anything"
+    with torch.inference_mode():  # the graph that `export` writes holds the adapted members too
+        graph = network(classifier)(torch.from_numpy(x), torch.from_numpy(rows)).numpy()
+    assert np.allclose(softmax(graph), expected, atol=1e-5)
+
+
+def test_members_must_read_the_same_metadata_fields(tmp_path):
+    unlike = r"member 2 reads clinical metadata as age; sex \(female, male, unknown\), member 1 as age; sex \(.*\); "
+    with pytest.raises(LesionkitError, match=unlike + r"localization \(abdomen, .*members must read the same"):
+        EnsembleClassifier([metadata_member(1, [30, 40]), metadata_member(2, [30, 40], fields=("age", "sex"))])
+    without = TorchClassifier.load(members(tmp_path, temperatures=(1.0,))[0])
+    with pytest.raises(LesionkitError, match="member 2 reads clinical metadata as nothing"):
+        EnsembleClassifier([metadata_member(1, [30, 40]), without])

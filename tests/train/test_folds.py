@@ -1,7 +1,8 @@
 """Cross-validation end to end: ``train --folds 2`` on a tiny job, interrupted in its second fold and continued,
 then the out-of-fold estimate, the ensemble manifest and the ensemble through evaluate, predict and export.
 
-One tiny job (timm's ``test_efficientnet``, 48x64 px, one epoch per phase) serves every test of the module.
+One tiny job (timm's ``test_efficientnet``, 48x64 px, one epoch per phase, reading clinical metadata) serves every
+test of the module.
 """
 
 import hashlib
@@ -21,7 +22,7 @@ from lesionkit.cli import main
 TINY = """\
 data: {image_size: [48, 64], batch_size: 8, num_workers: 0}
 split: {test_fraction: 0.25}
-model: {name: test_efficientnet, weights: none}
+model: {name: test_efficientnet, weights: none, metadata: [age, sex, localization]}
 train:
   accelerator: cpu
   phases:
@@ -51,6 +52,9 @@ def folds_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("folds")
     data = make_ham_folder(root / "ham", lesions_per_class=4)
+    metadata = pd.read_csv(data / "HAM10000_metadata.csv")
+    metadata["age"] = 25.0 + 5 * (metadata.index % 11)  # each fold's training part scales age its own way
+    metadata.to_csv(data / "HAM10000_metadata.csv", index=False)
     (root / "tiny.yaml").write_text(TINY)
     run = root / "run"
     argv = ["train", "--folds", "2", "--config", str(root / "tiny.yaml"), "--data-dir", str(data), "--out", str(run)]

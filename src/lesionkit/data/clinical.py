@@ -83,6 +83,19 @@ class ClinicalEncoding:
             start += width
         return bounds
 
+    def reads_like(self, other: ClinicalEncoding) -> bool:
+        """Whether ``other``'s vectors have this encoding's columns (fields and levels), whatever their age scales."""
+        return self.fields == other.fields and self.levels == other.levels
+
+    def age_from(self, other: ClinicalEncoding) -> tuple[int, float, float] | None:
+        """How a known age that ``other`` wrote becomes this encoding's: ``(column, scale, shift)`` with
+        ``ours = scale * theirs + shift`` (a missing age is 0 in both, its flag in ``column + 1``); None where
+        nothing changes. The folds of one run each scale age by their own training part."""
+        if "age" not in self.fields or (self.age_mean, self.age_std) == (other.age_mean, other.age_std):
+            return None
+        column = self.slices[self.fields.index("age")][0]
+        return column, other.age_std / self.age_std, (other.age_mean - self.age_mean) / self.age_std
+
     def unknown(self, n: int = 1) -> np.ndarray:
         """``(n, width)``: every field unknown (age missing, sex and site ``unknown``)."""
         return self.encode({}, n)

@@ -88,6 +88,9 @@ class EnsembleClassifier:
     """Members that share classes and preprocessing, behind the :class:`lesionkit.serve.classifier.Classifier`
     interface: the mean of their calibrated probabilities, as ``logits = log(mean)`` with ``temperature = 1``.
 
+    Every member reads the metadata vector that member 1's encoding writes; a member whose training part scaled
+    age otherwise is adapted to it on loading
+    (:meth:`lesionkit.serve.torch_classifier.TorchClassifier.read_metadata_as`).
     ``features_and_logits`` gives the first member's pooled features, which the record's out-of-distribution
     detector was fitted on (that member's own, from its validation fold).
     """
@@ -103,9 +106,13 @@ class EnsembleClassifier:
             if member.preprocessing.to_dict() != first.preprocessing.to_dict():
                 raise LesionkitError(f"ensemble member {n} sees images as {member.preprocessing.to_dict()}, member "
                                      f"1 as {first.preprocessing.to_dict()}: members must share their preprocessing")
-            if member.encoding != first.encoding:
-                raise LesionkitError(f"ensemble member {n} reads clinical metadata as {member.encoding}, member 1 as "
-                                     f"{first.encoding}: members must share how they read it")
+            if (member.encoding is None) != (first.encoding is None) or (
+                    member.encoding and not member.encoding.reads_like(first.encoding)):
+                raise LesionkitError(f"ensemble member {n} reads clinical metadata as {reads(member.encoding)}, "
+                                     f"member 1 as {reads(first.encoding)}: members must read the same fields and "
+                                     f"levels")
+            if member.encoding:
+                member.read_metadata_as(first.encoding)  # folds scale age by their own training parts
         self.members, self.calibration = members, calibration
         self.classes, self.preprocessing, self.encoding = list(first.classes), first.preprocessing, first.encoding
         names = sorted({member.meta["model_name"] for member in members})
@@ -165,6 +172,14 @@ class EnsembleClassifier:
 
     def head_logits(self, features: np.ndarray, metadata: np.ndarray | None = None) -> None:
         return None  # the features are the first member's; the others' heads need their own
+
+
+def reads(encoding) -> str:
+    """What a member's clinical encoding reads, in words, for the error that refuses unlike members."""
+    if encoding is None:
+        return "nothing (an image-only model)"
+    return "; ".join(f"{name} ({', '.join(encoding.levels[name])})" if name in encoding.levels else name
+                     for name in encoding.fields)
 
 
 def load_torch_classifier(checkpoint: Path, device: str = "cpu"):

@@ -56,6 +56,15 @@ class TorchClassifier:
         return cls(model.to(device, memory_format=torch.channels_last), Preprocessing(**meta["preprocessing"]), meta,
                    load_calibration(path))
 
+    def read_metadata_as(self, encoding: ClinicalEncoding) -> None:
+        """Take metadata vectors written with ``encoding`` (the same columns as this model's, age perhaps scaled by
+        another training part) and answer as this model does to its own: an ensemble's members read one vector."""
+        change = self.encoding.age_from(encoding)
+        if change is not None:
+            head = self.model.pretrained_cfg.get("classifier", "classifier")
+            self.model.set_submodule(head, self.model.get_classifier().reading_age_as(*change))
+        self.encoding = encoding
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
