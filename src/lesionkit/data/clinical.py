@@ -83,10 +83,6 @@ class ClinicalEncoding:
             start += width
         return bounds
 
-    def reads_like(self, other: ClinicalEncoding) -> bool:
-        """Whether ``other``'s vectors have this encoding's columns (fields and levels), whatever their age scales."""
-        return self.fields == other.fields and self.levels == other.levels
-
     def age_from(self, other: ClinicalEncoding) -> tuple[int, float, float] | None:
         """How a known age that ``other`` wrote becomes this encoding's: ``(column, scale, shift)`` with
         ``ours = scale * theirs + shift`` (a missing age is 0 in both, its flag in ``column + 1``); None where
@@ -160,6 +156,14 @@ class ClinicalEncoding:
     def from_dict(cls, entry: dict) -> ClinicalEncoding:
         return cls(tuple(entry["fields"]), float(entry["age_mean"]), float(entry["age_std"]),
                    {k: tuple(v) for k, v in entry["levels"].items()})
+
+
+def same_columns(a: ClinicalEncoding | None, b: ClinicalEncoding | None) -> bool:
+    """Whether two encodings (None: an image-only model) write the same columns, fields and levels, whatever
+    their age scales."""
+    if a is None or b is None:
+        return a is b
+    return a.fields == b.fields and a.levels == b.levels
 
 
 def known(value) -> bool:

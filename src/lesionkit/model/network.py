@@ -3,8 +3,6 @@ layer, and which of its layer groups train in each phase."""
 
 from __future__ import annotations
 
-import copy
-
 import timm
 import torch
 from timm.models import group_modules
@@ -96,19 +94,17 @@ class MetadataHead(torch.nn.Module):
                 metadata[:, start:stop] = torch.where(dropped, self.unknown[:, start:stop], metadata[:, start:stop])
         return self.fc(torch.cat([features, self.embed(metadata.to(features.dtype))], dim=1))
 
-    def reading_age_as(self, column: int, scale: float, shift: float) -> MetadataHead:
-        """A copy that gives the same logits for vectors whose known ages are written ``(ours - shift) / scale``
-        (:meth:`lesionkit.data.clinical.ClinicalEncoding.age_from`): the change of scale goes into the first
-        layer's weights (the missing flag in ``column + 1`` keeps a missing age at 0), so the torch path and an
-        ONNX export of the copy read the other vectors alike."""
-        head = copy.deepcopy(self)
-        first = head.embed[0]
-        with torch.no_grad():
-            age = first.weight[:, column].clone()
-            first.weight[:, column] = age * scale
-            first.weight[:, column + 1] -= age * shift
-            first.bias += age * shift
-        return head
+    @torch.no_grad()
+    def read_age_as(self, column: int, scale: float, shift: float) -> None:
+        """Give, from now on, the logits it gave before for vectors whose known ages are written ``(ours - shift) /
+        scale`` (:meth:`lesionkit.data.clinical.ClinicalEncoding.age_from`): the change of scale goes into the
+        first layer's weights (the missing flag in ``column + 1`` keeps a missing age at 0), so the torch path
+        and an ONNX export read the other vectors alike."""
+        first = self.embed[0]
+        age = first.weight[:, column].clone()
+        first.weight[:, column] = age * scale
+        first.weight[:, column + 1] -= age * shift
+        first.bias += age * shift
 
 
 def attach_metadata(model: torch.nn.Module, encoding, field_dropout: float = 0.0) -> torch.nn.Module:

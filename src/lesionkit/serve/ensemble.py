@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from lesionkit import LesionkitError
+from lesionkit.data.clinical import same_columns
 from lesionkit.data.preprocessing import Preprocessing
 from lesionkit.evaluate.record import Calibration, refit_command
 from lesionkit.files import atomic_write_text, file_hash
@@ -106,12 +107,11 @@ class EnsembleClassifier:
             if member.preprocessing.to_dict() != first.preprocessing.to_dict():
                 raise LesionkitError(f"ensemble member {n} sees images as {member.preprocessing.to_dict()}, member "
                                      f"1 as {first.preprocessing.to_dict()}: members must share their preprocessing")
-            if (member.encoding is None) != (first.encoding is None) or (
-                    member.encoding and not member.encoding.reads_like(first.encoding)):
+            if not same_columns(member.encoding, first.encoding):
                 raise LesionkitError(f"ensemble member {n} reads clinical metadata as {reads(member.encoding)}, "
                                      f"member 1 as {reads(first.encoding)}: members must read the same fields and "
                                      f"levels")
-            if member.encoding:
+            if member.encoding is not None:
                 member.read_metadata_as(first.encoding)  # folds scale age by their own training parts
         self.members, self.calibration = members, calibration
         self.classes, self.preprocessing, self.encoding = list(first.classes), first.preprocessing, first.encoding

@@ -61,8 +61,7 @@ class TorchClassifier:
         another training part) and answer as this model does to its own: an ensemble's members read one vector."""
         change = self.encoding.age_from(encoding)
         if change is not None:
-            head = self.model.pretrained_cfg.get("classifier", "classifier")
-            self.model.set_submodule(head, self.model.get_classifier().reading_age_as(*change))
+            self.model.get_classifier().read_age_as(*change)
         self.encoding = encoding
 
     @property
