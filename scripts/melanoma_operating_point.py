@@ -1,0 +1,78 @@
+"""What favouring melanoma at the argmax would cost, measured on the out-of-fold predictions of `train --folds`.
+
+    python scripts/melanoma_operating_point.py RUN [--targets 0.70 0.75 0.80]
+
+A weight w on p(mel) before the argmax trades the other classes' recall for melanoma's. For each target
+sensitivity, and for each fold in turn, the smallest w that reaches the target on the other folds' predictions is
+applied to this fold's, so that no image's decision was fitted on that image; the pooled figures (with lesion
+bootstrap intervals) say what the weight would give on images it has not seen. Nothing here reads the test part.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionkit.evaluate.bootstrap import BootstrapSettings, intervals
+from lesionkit.evaluate.metrics import classification_metrics
+
+MELANOMA = "mel"
+WEIGHTS = np.exp(np.arange(0, 3.001, 0.01))  # log-weights 0 to 3 in steps of 0.01
+
+
+def weighted(probabilities: np.ndarray, mel: int, weight: float) -> np.ndarray:
+    """``probabilities`` with p(mel) multiplied by ``weight`` and renormalised."""
+    shifted = probabilities.copy()
+    shifted[:, mel] *= weight
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def smallest_weight(probabilities: np.ndarray, labels: np.ndarray, mel: int, target: float) -> float:
+    """The smallest weight of :data:`WEIGHTS` whose argmax finds ``target`` of the melanomas."""
+    melanomas = probabilities[labels == mel]
+    for weight in WEIGHTS:
+        if (weighted(melanomas, mel, weight).argmax(axis=1) == mel).mean() >= target:
+            return float(weight)
+    return float(WEIGHTS[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a `lesionkit train --folds K` run folder (its oof.csv)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.70, 0.75, 0.80, 0.85, 0.90])
+    args = parser.parse_args()
+
+    table = pd.read_csv(args.run / "oof.csv")
+    classes = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
+    probabilities = table[[f"p_{c}" for c in classes]].to_numpy()
+    labels = table["dx"].map(classes.index).to_numpy()
+    groups, folds, mel = table["lesion_id"].to_numpy(), table["fold"].to_numpy(), classes.index(MELANOMA)
+
+    print(f"{args.run / 'oof.csv'}: {len(table)} images, {len(np.unique(folds))} folds\n")
+    print("| melanoma sensitivity fitted for | weight on p(mel), per fold | balanced accuracy (95% CI) "
+          "| melanoma sensitivity (95% CI) | " + " | ".join(f"{c} recall" for c in classes) + " |")
+    print("| --- " * (4 + len(classes)) + "|")
+    for target in [None, *args.targets]:
+        decided, used = np.empty_like(probabilities), []
+        for fold in np.unique(folds):
+            here = folds == fold
+            weight = 1.0 if target is None else smallest_weight(probabilities[~here], labels[~here], mel, target)
+            decided[here] = weighted(probabilities[here], mel, weight)
+            used.append(weight)
+        found = classification_metrics(labels, decided, classes)
+        bounds = intervals(labels, decided, classes, groups, BootstrapSettings())["intervals"]
+
+        def figure(name: str) -> str:
+            low, high = bounds[name]
+            return f"{100 * found[name]:.2f}% ({100 * low:.2f}-{100 * high:.2f})"
+
+        recalls = " | ".join(f"{100 * found['per_class'][c]['recall']:.1f}%" for c in classes)
+        print(f"| {'argmax' if target is None else f'{100 * target:.0f}%'} | {', '.join(f'{w:.2f}' for w in used)} "
+              f"| {figure('balanced_accuracy')} | {figure('melanoma_sensitivity')} | {recalls} |")
+
+
+if __name__ == "__main__":
+    main()
