@@ -31,7 +31,8 @@ def weighted(probabilities: np.ndarray, mel: int, weight: float) -> np.ndarray:
 
 
 def smallest_weight(probabilities: np.ndarray, labels: np.ndarray, mel: int, target: float) -> float:
-    """The smallest weight of :data:`WEIGHTS` whose argmax finds ``target`` of the melanomas."""
+    """The smallest weight of :data:`WEIGHTS` whose argmax finds ``target`` of the melanomas (the largest where
+    none does)."""
     melanomas = probabilities[labels == mel]
     for weight in WEIGHTS:
         if (weighted(melanomas, mel, weight).argmax(axis=1) == mel).mean() >= target:
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.70, 0.75, 0.80, 0.85, 0.90])
     args = parser.parse_args()
 
+    if not (args.run / "oof.csv").is_file():
+        parser.error(f"{args.run / 'oof.csv'} does not exist: give the folder of a finished "
+                     f"`lesionkit train --folds K` run")
     table = pd.read_csv(args.run / "oof.csv")
     classes = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
     probabilities = table[[f"p_{c}" for c in classes]].to_numpy()
