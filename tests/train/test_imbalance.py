@@ -1,6 +1,7 @@
 """The imbalance settings change what they claim: the focal loss's value (against a hand-computed case and
-cross-entropy at gamma 0), the class weights, the sampler's class mix; and a run that oversamples with the
-focal loss is repeatable under its seed and resumes mid-phase to the same result."""
+cross-entropy at gamma 0), label smoothing beside class weights, the class weights, the sampler's class mix; and
+a run that oversamples with the focal loss is repeatable under its seed and resumes mid-phase to the same
+result."""
 
 from __future__ import annotations
 
@@ -39,15 +40,39 @@ def test_focal_loss_against_a_hand_computed_case():
     assert FocalLoss(2.0)(hard, zero) > 0.9 * cross_entropy(hard, zero)
 
 
-def test_focal_loss_at_gamma_0_is_cross_entropy_with_weights_and_label_smoothing():
+def test_focal_loss_at_gamma_0_is_torchs_cross_entropy_with_weights_or_label_smoothing():
     generator = torch.Generator().manual_seed(0)
     logits, target = torch.randn(32, 7, generator=generator), torch.randint(0, 7, (32,), generator=generator)
     weights = class_weights(LABELS, "balanced")
-    for smoothing in (0.0, 0.1):
-        focal = make_criterion("focal", weights, smoothing, focal_gamma=0.0)(logits, target)
-        reference = make_criterion("cross_entropy", weights, smoothing, focal_gamma=2.0)(logits, target)
+    for weight, smoothing in ((weights, 0.0), (None, 0.1)):
+        focal = make_criterion("focal", weight, smoothing, focal_gamma=0.0)(logits, target)
+        reference = make_criterion("cross_entropy", weight, smoothing, focal_gamma=2.0)(logits, target)
+        assert isinstance(make_criterion("cross_entropy", weight, smoothing, 2.0), torch.nn.CrossEntropyLoss)
         assert focal.item() == pytest.approx(reference.item(), rel=1e-5)
-    assert isinstance(make_criterion("cross_entropy", None, 0.0, 2.0), torch.nn.CrossEntropyLoss)
+
+
+def test_label_smoothing_with_class_weights_weighs_each_image_by_its_own_class():
+    generator = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(32, 7, generator=generator), torch.randint(0, 7, (32,), generator=generator)
+    weights = class_weights(LABELS, "balanced")
+    per_image = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1, reduction="none")
+    image_weight = torch.tensor(weights)[target]
+    expected = (image_weight * per_image).sum() / image_weight.sum()
+    for loss in ("cross_entropy", "focal"):
+        gamma = 0.0 if loss == "focal" else 2.0
+        assert make_criterion(loss, weights, 0.1, gamma)(logits, target).item() == pytest.approx(
+            expected.item(), rel=1e-5)
+    # One image of the commonest class is pulled towards its own smoothed target, whatever the other classes'
+    # weights: the gradient vanishes there (torch's weighted loss would pull it towards the rare classes).
+    smoothed = torch.full((1, 7), 0.1 / 7)
+    smoothed[0, 0] += 0.9
+    at_target = smoothed.log().requires_grad_()
+    make_criterion("cross_entropy", weights, 0.1, 2.0)(at_target, torch.tensor([0])).backward()
+    assert at_target.grad.abs().max() < 1e-6
+    torch_style = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32), label_smoothing=0.1)
+    at_target.grad = None
+    torch_style(at_target, torch.tensor([0])).backward()
+    assert at_target.grad.abs().max() > 0.1
 
 
 def test_class_weights_balanced_sqrt_and_none():

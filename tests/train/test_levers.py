@@ -18,15 +18,22 @@ from lesionkit.model.losses import make_criterion
 from lesionkit.train.loop import mixing
 
 
-def test_both_losses_take_mixed_labels_as_torch_takes_them():
+def test_both_losses_take_mixed_labels_as_the_mix_of_their_classes_losses():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(16, 7, generator=generator)
     soft = torch.softmax(torch.randn(16, 7, generator=generator), dim=1)
     weights = [0.5, 1.0, 1.5, 2.0, 1.0, 0.3, 4.0]
-    reference = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights), label_smoothing=0.1)(logits, soft)
-    focal = make_criterion("focal", weights, 0.1, focal_gamma=0.0)(logits, soft)
-    assert focal.item() == pytest.approx(reference.item(), rel=1e-5)
-    assert make_criterion("focal", weights, 0.1, focal_gamma=2.0)(logits, soft) < focal
+    reference = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights))(logits, soft)
+    assert make_criterion("focal", weights, 0.0, focal_gamma=0.0)(logits, soft).item() == pytest.approx(
+        reference.item(), rel=1e-5)
+    # Smoothed: each class's weighted, smoothed loss, mixed in the target's shares, over the image count.
+    per_class = torch.stack([torch.nn.functional.cross_entropy(logits, torch.full((16,), k), label_smoothing=0.1,
+                                                               reduction="none") for k in range(7)], dim=1)
+    mixed = (soft * torch.tensor(weights) * per_class).sum() / 16
+    for loss in ("cross_entropy", "focal"):
+        smoothed = make_criterion(loss, weights, 0.1, focal_gamma=0.0)(logits, soft)
+        assert smoothed.item() == pytest.approx(mixed.item(), rel=1e-5)
+    assert make_criterion("focal", weights, 0.1, focal_gamma=2.0)(logits, soft) < mixed
 
 
 def test_mixup_mixes_pairs_of_images_and_their_labels():
