@@ -33,6 +33,9 @@ ARMS = {
     "llrd": ["train.phases.1.unfreeze=-1", "train.phases.1.lr_decay=0.7"],
     "lite0": ["model.name=tf_efficientnet_lite0", "model.weights=lite0"],
     "lite2": ["model.name=tf_efficientnet_lite2", "model.weights=lite2"],
+    "label-smoothing": ["train.label_smoothing=0.1"],
+    # Half the imbalance by oversampling, half by weights: square root of each, together about balanced.
+    "sqrt-sampler": ["data.sampler=sqrt", "train.class_weights=sqrt"],
 }
 
 
