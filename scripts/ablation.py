@@ -36,6 +36,9 @@ ARMS = {
     "label-smoothing": ["train.label_smoothing=0.1"],
     # Half the imbalance by oversampling, half by weights: square root of each, together about balanced.
     "sqrt-sampler": ["data.sampler=sqrt", "train.class_weights=sqrt"],
+    # Any orientation (a lesion has none), wider zoom, and colour jitter as the ISIC winners' pipelines have it.
+    "strong-aug": ["augment.rotation=180", "augment.zoom=0.2", "augment.brightness=0.2", "augment.contrast=0.2",
+                   "augment.saturation=0.2", "augment.hue=0.02"],
 }
 
 

@@ -41,6 +41,8 @@ def test_overrides_reach_nested_phases_and_parse_yaml_values():
     ("data.batch_size=0", "data.batch_size must be at least 1"),
     ("split.val_fraction=1.5", "split.val_fraction must be in [0, 1)"),
     ("augment.hflip=2", "augment.hflip is a probability"),
+    ("augment.hue=0.7", "augment.hue is a share of the colour circle"),
+    ("augment.saturation=-0.1", "augment.saturation must be >= 0"),
     ("train.phases.0.schedule=linear", "schedule must be one of"),
     ("model.weights=lite1", "set model.name=tf_efficientnet_lite1"),
     ("seed", "must look like section.key=value"),

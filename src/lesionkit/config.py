@@ -143,6 +143,11 @@ class AugmentConfig:
     """Random scale in ``[1 - zoom, 1 + zoom]``."""
     brightness: float = 0.1
     contrast: float = 0.1
+    saturation: float = 0.0
+    """Colour jitter beyond the study's: saturation in ``[1 - saturation, 1 + saturation]``; 0 is off."""
+    hue: float = 0.0
+    """Hue shift of up to ``hue`` of the colour circle either way (at most 0.5); 0 is off. Dermoscopic colour
+    carries diagnosis (blue-white veil, red vessels), so keep it small."""
     mixup: float = 0.0
     """MixUp (timm's ``Mixup``): alpha of the Beta distribution that mixes pairs of training images and their
     labels (and clinical metadata, in the labels' share); 0 is off."""
@@ -156,11 +161,13 @@ class AugmentConfig:
         for name in ("hflip", "vflip", "mix_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise LesionkitError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
-        for name in ("rotation", "zoom", "brightness", "contrast", "mixup", "cutmix"):
+        for name in ("rotation", "zoom", "brightness", "contrast", "saturation", "hue", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise LesionkitError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
         if self.zoom >= 1:
             raise LesionkitError(f"augment.zoom must be below 1, got {self.zoom}")
+        if self.hue > 0.5:
+            raise LesionkitError(f"augment.hue is a share of the colour circle, at most 0.5, got {self.hue}")
 
 
 SCHEDULES = ("cosine", "onecycle", "constant")

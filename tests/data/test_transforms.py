@@ -68,3 +68,15 @@ def test_serving_frames_images_exactly_as_torchvision_does():
         for image in images:
             expected = eval_transform(pre)(image).numpy()
             assert np.array_equal(eval_array(image, pre), expected), (pre, image.size)
+
+
+def test_saturation_and_hue_change_colour_and_leave_grey_alone():
+    still = dict(hflip=0, vflip=0, rotation=0, zoom=0, brightness=0, contrast=0)
+    grey, red = Image.new("RGB", (240, 180), (120, 120, 120)), Image.new("RGB", (240, 180), (180, 60, 40))
+    for colour in (dict(saturation=0.5), dict(hue=0.1)):
+        transform = train_transform(PRE, AugmentConfig(**still, **colour))
+        torch.manual_seed(0)
+        assert all(torch.allclose(transform(grey), eval_transform(PRE)(grey), atol=1e-2) for _ in range(3))
+        assert any(not torch.allclose(transform(red), eval_transform(PRE)(red), atol=1e-2) for _ in range(3))
+    # Off by default: the study's augmentation has neither.
+    assert AugmentConfig().saturation == AugmentConfig().hue == 0

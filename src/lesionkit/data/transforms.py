@@ -67,6 +67,6 @@ def train_transform(pre: Preprocessing, aug: AugmentConfig) -> v2.Compose:
         # Rotate and zoom in one resampling; bilinear is plenty for augmentation and cheaper.
         v2.RandomAffine(degrees=aug.rotation, scale=(1 - aug.zoom, 1 + aug.zoom)),
         v2.CenterCrop((pre.height, pre.width)),
-        v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
+        v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue),
         ToNormalizedTensor(pre.mean, pre.std),
     ])
