@@ -55,7 +55,8 @@ def eval_transform(pre: Preprocessing) -> v2.Compose:
 
 
 def train_transform(pre: Preprocessing, aug: AugmentConfig) -> v2.Compose:
-    """The study's augmentation: flips, rotation, zoom, brightness and contrast, on the eval framing."""
+    """The study's augmentation: flips, rotation, zoom, brightness and contrast (and saturation and hue where
+    set), on the eval framing."""
     if not aug.enabled:
         return eval_transform(pre)
     interpolation = InterpolationMode(pre.interpolation)
