@@ -1,11 +1,13 @@
 """What favouring melanoma at the argmax would cost, measured on the out-of-fold predictions of `train --folds`.
 
-    python scripts/melanoma_operating_point.py RUN [--targets 0.70 0.75 0.80]
+    python scripts/melanoma_operating_point.py RUN [--targets 0.70 0.75 0.80] [--test]
 
 A weight w on p(mel) before the argmax trades the other classes' recall for melanoma's. For each target
 sensitivity, and for each fold in turn, the smallest w that reaches the target on the other folds' predictions is
 applied to this fold's, so that no image's decision was fitted on that image; the pooled figures (with lesion
-bootstrap intervals) say what the weight would give on images it has not seen. Nothing here reads the test part.
+bootstrap intervals) say what the weight would give on images it has not seen. Nothing here reads the test part
+unless asked: with --test, the weight fitted on all the out-of-fold predictions is applied to the ensemble's test
+predictions (RUN/test/predictions.csv), which is a look at the test part.
 """
 
 from __future__ import annotations
@@ -40,25 +42,52 @@ def smallest_weight(probabilities: np.ndarray, labels: np.ndarray, mel: int, tar
     return float(WEIGHTS[-1])
 
 
+def table_header(classes: list[str], weight_column: str) -> str:
+    return (f"| melanoma sensitivity fitted for | {weight_column} | balanced accuracy (95% CI) "
+            "| melanoma sensitivity (95% CI) | " + " | ".join(f"{c} recall" for c in classes) + " |\n"
+            + "| --- " * (4 + len(classes)) + "|")
+
+
+def table_row(target: float | None, weights: list[float], labels: np.ndarray, decided: np.ndarray,
+              classes: list[str], groups: np.ndarray) -> str:
+    found = classification_metrics(labels, decided, classes)
+    bounds = intervals(labels, decided, classes, groups, BootstrapSettings())["intervals"]
+
+    def figure(name: str) -> str:
+        low, high = bounds[name]
+        return f"{100 * found[name]:.2f}% ({100 * low:.2f}-{100 * high:.2f})"
+
+    recalls = " | ".join(f"{100 * found['per_class'][c]['recall']:.1f}%" for c in classes)
+    return (f"| {'argmax' if target is None else f'{100 * target:.0f}%'} | {', '.join(f'{w:.2f}' for w in weights)} "
+            f"| {figure('balanced_accuracy')} | {figure('melanoma_sensitivity')} | {recalls} |")
+
+
+def read_predictions(path: Path, classes: list[str] | None = None) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+    table = pd.read_csv(path)
+    classes = classes or [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
+    return table, classes, table[[f"p_{c}" for c in classes]].to_numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a `lesionkit train --folds K` run folder (its oof.csv)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.70, 0.75, 0.80, 0.85, 0.90])
+    parser.add_argument("--test", action="store_true",
+                        help="also apply the weight fitted on all out-of-fold predictions to RUN/test/predictions.csv")
     args = parser.parse_args()
 
     if not (args.run / "oof.csv").is_file():
         parser.error(f"{args.run / 'oof.csv'} does not exist: give the folder of a finished "
                      f"`lesionkit train --folds K` run")
-    table = pd.read_csv(args.run / "oof.csv")
-    classes = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
-    probabilities = table[[f"p_{c}" for c in classes]].to_numpy()
+    if args.test and not (args.run / "test" / "predictions.csv").is_file():
+        parser.error(f"{args.run / 'test' / 'predictions.csv'} does not exist: --test needs a run whose ensemble "
+                     f"reported the test part (split.test_fraction > 0)")
+    table, classes, probabilities = read_predictions(args.run / "oof.csv")
     labels = table["dx"].map(classes.index).to_numpy()
     groups, folds, mel = table["lesion_id"].to_numpy(), table["fold"].to_numpy(), classes.index(MELANOMA)
 
     print(f"{args.run / 'oof.csv'}: {len(table)} images, {len(np.unique(folds))} folds\n")
-    print("| melanoma sensitivity fitted for | weight on p(mel), per fold | balanced accuracy (95% CI) "
-          "| melanoma sensitivity (95% CI) | " + " | ".join(f"{c} recall" for c in classes) + " |")
-    print("| --- " * (4 + len(classes)) + "|")
+    print(table_header(classes, "weight on p(mel), per fold"))
     for target in [None, *args.targets]:
         decided, used = np.empty_like(probabilities), []
         for fold in np.unique(folds):
@@ -66,16 +95,20 @@ def main() -> None:
             weight = 1.0 if target is None else smallest_weight(probabilities[~here], labels[~here], mel, target)
             decided[here] = weighted(probabilities[here], mel, weight)
             used.append(weight)
-        found = classification_metrics(labels, decided, classes)
-        bounds = intervals(labels, decided, classes, groups, BootstrapSettings())["intervals"]
+        print(table_row(target, used, labels, decided, classes, groups))
 
-        def figure(name: str) -> str:
-            low, high = bounds[name]
-            return f"{100 * found[name]:.2f}% ({100 * low:.2f}-{100 * high:.2f})"
-
-        recalls = " | ".join(f"{100 * found['per_class'][c]['recall']:.1f}%" for c in classes)
-        print(f"| {'argmax' if target is None else f'{100 * target:.0f}%'} | {', '.join(f'{w:.2f}' for w in used)} "
-              f"| {figure('balanced_accuracy')} | {figure('melanoma_sensitivity')} | {recalls} |")
+    if args.test:
+        test, _, test_probabilities = read_predictions(args.run / "test" / "predictions.csv", classes)
+        lesions = pd.read_csv(args.run / "fold-1" / "split.csv", usecols=["image_id", "lesion_id"])
+        test_groups = test.merge(lesions, on="image_id", how="left")["lesion_id"].to_numpy()
+        test_labels = test["dx"].map(classes.index).to_numpy()
+        print(f"\n{args.run / 'test' / 'predictions.csv'}: {len(test)} images, {len(set(test_groups))} lesions; "
+              f"each weight fitted on all {len(table)} out-of-fold predictions\n")
+        print(table_header(classes, "weight on p(mel)"))
+        for target in [None, *args.targets]:
+            weight = 1.0 if target is None else smallest_weight(probabilities, labels, mel, target)
+            print(table_row(target, [weight], test_labels, weighted(test_probabilities, mel, weight), classes,
+                            test_groups))
 
 
 if __name__ == "__main__":
