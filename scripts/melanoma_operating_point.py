@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lesionkit import CLASSES
 from lesionkit.evaluate.bootstrap import BootstrapSettings, intervals
+from lesionkit.evaluate.crossval import OOF_NAME, fold_folder, oof_arrays
 from lesionkit.evaluate.metrics import classification_metrics
 
 MELANOMA = "mel"
@@ -62,12 +64,6 @@ def table_row(target: float | None, weights: list[float], labels: np.ndarray, de
             f"| {figure('balanced_accuracy')} | {figure('melanoma_sensitivity')} | {recalls} |")
 
 
-def read_predictions(path: Path, classes: list[str] | None = None) -> tuple[pd.DataFrame, list[str], np.ndarray]:
-    table = pd.read_csv(path)
-    classes = classes or [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
-    return table, classes, table[[f"p_{c}" for c in classes]].to_numpy()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a `lesionkit train --folds K` run folder (its oof.csv)")
@@ -76,17 +72,18 @@ def main() -> None:
                         help="also apply the weight fitted on all out-of-fold predictions to RUN/test/predictions.csv")
     args = parser.parse_args()
 
-    if not (args.run / "oof.csv").is_file():
-        parser.error(f"{args.run / 'oof.csv'} does not exist: give the folder of a finished "
+    if not (args.run / OOF_NAME).is_file():
+        parser.error(f"{args.run / OOF_NAME} does not exist: give the folder of a finished "
                      f"`lesionkit train --folds K` run")
     if args.test and not (args.run / "test" / "predictions.csv").is_file():
         parser.error(f"{args.run / 'test' / 'predictions.csv'} does not exist: --test needs a run whose ensemble "
                      f"reported the test part (split.test_fraction > 0)")
-    table, classes, probabilities = read_predictions(args.run / "oof.csv")
-    labels = table["dx"].map(classes.index).to_numpy()
+    classes = list(CLASSES)
+    table = pd.read_csv(args.run / OOF_NAME)
+    labels, probabilities = oof_arrays(table, classes)
     groups, folds, mel = table["lesion_id"].to_numpy(), table["fold"].to_numpy(), classes.index(MELANOMA)
 
-    print(f"{args.run / 'oof.csv'}: {len(table)} images, {len(np.unique(folds))} folds\n")
+    print(f"{args.run / OOF_NAME}: {len(table)} images, {len(np.unique(folds))} folds\n")
     print(table_header(classes, "weight on p(mel), per fold"))
     for target in [None, *args.targets]:
         decided, used = np.empty_like(probabilities), []
@@ -98,10 +95,10 @@ def main() -> None:
         print(table_row(target, used, labels, decided, classes, groups))
 
     if args.test:
-        test, _, test_probabilities = read_predictions(args.run / "test" / "predictions.csv", classes)
-        lesions = pd.read_csv(args.run / "fold-1" / "split.csv", usecols=["image_id", "lesion_id"])
+        test = pd.read_csv(args.run / "test" / "predictions.csv")
+        test_labels, test_probabilities = oof_arrays(test, classes)  # the same columns as oof.csv
+        lesions = pd.read_csv(fold_folder(args.run, 1) / "split.csv", usecols=["image_id", "lesion_id"])
         test_groups = test.merge(lesions, on="image_id", how="left")["lesion_id"].to_numpy()
-        test_labels = test["dx"].map(classes.index).to_numpy()
         print(f"\n{args.run / 'test' / 'predictions.csv'}: {len(test)} images, {len(set(test_groups))} lesions; "
               f"each weight fitted on all {len(table)} out-of-fold predictions\n")
         print(table_header(classes, "weight on p(mel)"))
