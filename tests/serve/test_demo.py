@@ -106,6 +106,42 @@ def test_the_page_shows_the_predicted_class_in_a_real_browser(server, tmp_path):
             browser.close()
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (make test installs it where it can)")
+def test_the_page_sends_only_the_clinical_fields_a_user_fills():
+    """With the shipped model, which reads age, sex and body site: a field left empty is unknown to the model (an
+    empty age box must not reach it as 0 years), and filled ones are used."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from lesionkit.model.shipped import CHECKPOINT
+    from lesionkit.serve.demo import serve
+    from lesionkit.serve.torch_classifier import TorchClassifier
+
+    if not CHECKPOINT.is_file():
+        pytest.skip(f"no shipped model at {CHECKPOINT}")
+    port = free_port()
+    demo = serve(TorchClassifier.load(CHECKPOINT), str(CHECKPOINT), "127.0.0.1", port, block=False)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+            assert page.locator("#age input").first.input_value() == ""
+            page.set_input_files("#upload input[type=file]", str(real_image()))
+            page.click("#classify")
+            status = page.locator("#status")
+            expect(status).to_contain_text("Clinical metadata used: none", timeout=60_000)
+            page.locator("#age input").first.fill("55")
+            for field, value in (("sex", "male"), ("localization", "back")):
+                page.locator(f"#{field} input").first.fill(value)
+                page.get_by_role("option", name=value, exact=True).click()
+            page.click("#classify")
+            expect(status).to_contain_text("Clinical metadata used: age 55, sex male, localization back",
+                                           timeout=60_000)
+            browser.close()
+    finally:
+        demo.close()
+
+
 def test_the_status_says_how_the_out_of_distribution_check_went():
     from lesionkit.serve.demo import describe
 

@@ -116,7 +116,10 @@ def clinical_inputs(encoding) -> list:
     inputs = []
     for name in encoding.fields:
         if name == "age":
-            inputs.append(gr.Number(label="Age in years (optional)", minimum=0, maximum=120, elem_id="age"))
+            # Given value=None, the page shows 0 and sends it: a newborn, not an unknown age. A value computed at
+            # page load leaves the box empty (Gradio issue 6728).
+            inputs.append(gr.Number(label="Age in years (optional)", value=lambda: None, minimum=0, maximum=120,
+                                    elem_id="age"))
         else:
             label = "Body site (optional)" if name == "localization" else "Sex (optional)"
             inputs.append(gr.Dropdown(list(encoding.levels[name]), label=label, value=None, elem_id=name))
