@@ -21,6 +21,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("train", "train a classifier: data check, lesion-grouped split, the phases, a validation report"),
     ("evaluate",): ("evaluate", "score a checkpoint on labelled images: report.json / .md / .html with intervals "
                                 "and pictures"),
+    ("ensemble",): ("ensemble", "several cross-validations of the same folds as one ensemble, with its "
+                                "out-of-fold estimate"),
     ("compare",): ("compare", "headline metrics of several runs or reports side by side, with their intervals"),
     ("predict",): ("predict", "class probabilities for your own images"),
     ("explain",): ("explain", "Grad-CAM heat maps: where the network looked for its answer"),

@@ -1,5 +1,6 @@
 """Cross-validation end to end: ``train --folds 2`` on a tiny job, interrupted in its second fold and continued,
-then the out-of-fold estimate, the ensemble manifest and the ensemble through evaluate, predict and export.
+then the out-of-fold estimate, the ensemble manifest and the ensemble through evaluate, predict and export; and
+``lesionkit ensemble`` combining it with the same job at another seed.
 
 One tiny job (timm's ``test_efficientnet``, 48x64 px, one epoch per phase, reading clinical metadata) serves every
 test of the module.
@@ -239,3 +240,87 @@ def test_predict_evaluate_and_export_take_the_ensemble_as_one_model(folds_run, t
     assert "is an ensemble" in capsys.readouterr().err
     assert main(["explain", "--checkpoint", str(manifest), str(images[0]), "--out", str(tmp_path / "maps")]) == 1
     assert "explain a member, e.g. --checkpoint" in capsys.readouterr().err
+
+
+# ---- several cross-validations of the same folds as one ensemble ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def second_run(folds_run):
+    """The same job at another training seed: the same folds, other members."""
+    _, run, argv, *_ = folds_run
+    second = run.parent / "run-seed-7"
+    code, _, err = capture([*argv[:-1], str(second), "--set", "train.seed=7"])
+    assert code == 0, err[-2000:]
+    return second
+
+
+def test_two_cross_validations_of_the_same_folds_combine_into_one_ensemble(folds_run, second_run, tmp_path,
+                                                                          capsys):
+    from lesionkit.data.images import load_image
+    from lesionkit.serve.classifier import probabilities
+    from lesionkit.serve.ensemble import EnsembleClassifier
+
+    data, run, *_ = folds_run
+    out = tmp_path / "both"
+    assert main(["ensemble", str(run), str(second_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Cross-validation, 2 folds, out of fold" in printed and "Ensemble of 4 members from 2 runs" in printed
+
+    columns = [f"p_{c}" for c in CLASSES]
+    combined = pd.read_csv(out / "oof.csv").set_index("image_id")
+    each = [pd.read_csv(r / "oof.csv").set_index("image_id").loc[combined.index] for r in (run, second_run)]
+    assert not np.allclose(each[0][columns], each[1][columns]), "the seeds trained other members"
+    assert np.allclose(combined[columns], (each[0][columns] + each[1][columns]) / 2, atol=2e-6)
+    assert list(combined["prediction"]) == [CLASSES[i] for i in combined[columns].to_numpy().argmax(axis=1)]
+    assert combined["fold"].equals(each[0]["fold"]) and combined["fold"].equals(each[1]["fold"])
+
+    cv = json.loads((out / "cv.json").read_text())
+    labels = [CLASSES.index(d) for d in combined["dx"]]
+    assert cv["pooled"]["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(labels, combined[columns].to_numpy().argmax(axis=1)))
+    assert [(out / name).resolve() for name in cv["runs"]] == [run.resolve(), second_run.resolve()]
+
+    manifest = json.loads((out / "ensemble.json").read_text())
+    named = [(out / m["checkpoint"]).resolve() for m in manifest["members"]]
+    assert named == [(r / f"fold-{n}" / "checkpoints" / "best.ckpt").resolve()
+                     for r in (run, second_run) for n in (1, 2)]
+    assert [m["sha256"] for m in manifest["members"]] == [sha256(path) for path in named]
+    assert len(manifest["calibration"]["conformal"]["scores"]) == len(combined)
+
+    images = sorted(data.rglob("*.jpg"))[:3]
+    assert main(["predict", "--checkpoint", str(out), "--format", "json", *map(str, images)]) == 0
+    got = np.array([[a["probabilities"][c] for c in CLASSES] for a in json.loads(capsys.readouterr().out)])
+    halves = [EnsembleClassifier.load(r / "ensemble.json") for r in (run, second_run)]
+    expected = [probabilities(e, np.stack([e.transform(load_image(p)) for p in images])) for e in halves]
+    assert np.allclose(got, (expected[0] + expected[1]) / 2, atol=1e-5)
+    assert main(["evaluate", "--checkpoint", str(out), "--data-dir", str(data), "--split-file",
+                 str(run / "fold-1" / "split.csv"), "--split", "test", "--out", str(out / "test")]) == 0
+    assert json.loads((out / "test" / "report.json").read_text())["context"]["model"] == \
+        "ensemble of 4 test_efficientnet"
+
+
+def test_runs_that_cut_other_folds_or_have_not_finished_are_refused(folds_run, second_run, tmp_path, capsys):
+    import shutil
+
+    _, run, *_ = folds_run
+    other = tmp_path / "other-folds"
+    shutil.copytree(second_run, other)
+    split = pd.read_csv(other / "fold-1" / "split.csv")
+    swap = [split.index[split["split"] == part][0] for part in ("train", "val")]
+    split.loc[swap, "split"] = ["val", "train"]
+    split.to_csv(other / "fold-1" / "split.csv", index=False)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(second_run, unfinished)
+    (unfinished / "folds.json").write_text(json.dumps({"kind": "lesionkit-cross-validation", "folds": 2,
+                                                       "finished": [1]}))
+    for argv, message in (
+            ([str(run), str(other)], f"fold 1 of {other} splits the images otherwise than fold 1 of {run}"),
+            ([str(run), str(unfinished)], f"lesionkit train --folds 2 --out {unfinished} --resume"),
+            ([str(run)], "give two or more"),
+            ([str(run), str(tmp_path)], "holds no cross-validation")):
+        assert main(["ensemble", *argv, "--out", str(tmp_path / "combined")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert main(["ensemble", str(run), str(second_run), "--out", str(run)]) == 1
+    assert "holds a run: choose a new folder" in capsys.readouterr().err
+    assert not (tmp_path / "combined" / "ensemble.json").exists()

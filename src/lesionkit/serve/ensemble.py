@@ -1,5 +1,5 @@
-"""Several trained networks served as one classifier: the members of ``lesionkit train --folds K`` named in an
-ensemble manifest, ``RUN/ensemble.json``.
+"""Several trained networks served as one classifier: the members of ``lesionkit train --folds K`` (or of several
+such runs, ``lesionkit ensemble``) named in an ensemble manifest, ``RUN/ensemble.json``.
 
 The manifest lists each member's checkpoint (relative to the manifest) with its SHA-256, the classes and the
 preprocessing they share, and the ensemble's own calibration record (fitted on the out-of-fold predictions,
@@ -14,6 +14,7 @@ NumPy and the standard library at import: ``predict --backend onnx`` imports thi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,8 @@ def run_folder(checkpoint: Path) -> Path:
 
 def write_manifest(path: Path, checkpoints: list[Path], classes: list[str], preprocessing: Preprocessing,
                    calibration: Calibration, **extra) -> Path:
-    """Write the manifest of the members ``checkpoints`` (each under ``path``'s folder) with their hashes."""
-    members = [{"checkpoint": Path(c).resolve().relative_to(path.parent.resolve()).as_posix(),
+    """Write the manifest of the members ``checkpoints`` (named relative to ``path``'s folder) with their hashes."""
+    members = [{"checkpoint": Path(os.path.relpath(Path(c).resolve(), path.parent.resolve())).as_posix(),
                 "sha256": file_hash(c, "sha256")} for c in checkpoints]
     manifest = {"kind": KIND, "members": members, "classes": list(classes),
                 "preprocessing": preprocessing.to_dict(), "combination": COMBINATION,
@@ -71,16 +72,20 @@ def read_manifest(path: Path) -> tuple[dict, list[Path]]:
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND or not manifest.get("members"):
         raise LesionkitError(f"{path} is not a lesionkit ensemble manifest (kind {KIND!r} with members): write "
                              f"one with `lesionkit train --folds K`")
+    folder = Path(path).parent
+    # What writes this manifest again: a combination of runs, or one cross-validation.
+    again = (f"lesionkit ensemble {' '.join(str(folder / run) for run in manifest['runs'])} --out {folder}"
+             if manifest.get("runs") else f"lesionkit train --folds K --out {folder} --resume")
     members = []
     for member in manifest["members"]:
-        checkpoint = Path(path).parent / member["checkpoint"]
+        checkpoint = folder / member["checkpoint"]
         if not checkpoint.is_file():
             raise LesionkitError(f"{path}: member {checkpoint} does not exist; the ensemble needs every member "
-                                 f"(rerun `lesionkit train --folds K --out {Path(path).parent} --resume`)")
+                                 f"(rerun `{again}`)")
         if file_hash(checkpoint, "sha256") != member["sha256"]:
             raise LesionkitError(f"{path}: member {checkpoint} is not the file the manifest was written for (its "
                                  f"SHA-256 differs): it was retrained or replaced; write the manifest again with "
-                                 f"`lesionkit train --folds K --out {Path(path).parent} --resume`")
+                                 f"`{again}`")
         members.append(checkpoint)
     return manifest, members
 

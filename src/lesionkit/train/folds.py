@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from lesionkit.evaluate.crossval import CV_NAME, OOF_NAME, cv_estimate, fold_fol
 from lesionkit.evaluate.decisions import fit_ensemble_calibration
 from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.files import atomic_write_csv, atomic_write_text
-from lesionkit.serve.ensemble import MANIFEST_NAME, EnsembleClassifier, write_manifest
+from lesionkit.serve.ensemble import MANIFEST_NAME, EnsembleClassifier, read_manifest, write_manifest
 from lesionkit.train.loop import train
 from lesionkit.train.prepare import check_data
 from lesionkit.train.runfolder import FOLDS_NAME, run_lock
@@ -150,20 +151,12 @@ def summarise(config: Config, out: Path, splits: list[pd.DataFrame], frame: pd.D
     """``oof.csv``, ``cv.json``, ``ensemble.json`` and the ensemble's test report, from the finished folds (their
     split files as the runs wrote them)."""
     check_folds(splits)  # no lesion in two folds' validation parts, one test part for all
-    classes, folds = list(CLASSES), len(splits)
-    oof = out_of_fold(out, splits)
-    atomic_write_csv(oof, out / OOF_NAME, "out-of-fold predictions", index=False, float_format="%.6f")
-    cv = {**cv_estimate(oof, classes), "validation_lesions_disjoint": True,
-          "test_images": int((splits[0]["split"] == "test").sum())}
-    atomic_write_text(out / CV_NAME, json.dumps(cv, indent=2) + "\n", "cross-validation estimate")
-
+    folds = len(splits)
     checkpoints = [fold_folder(out, n) / "checkpoints" / "best.ckpt" for n in range(1, folds + 1)]
-    ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
-    labels, probabilities = oof_arrays(oof, classes)
-    calibration = fit_ensemble_calibration(probabilities, labels, classes, ensemble.members[0].calibration,
-                                           f"out-of-fold predictions of {out.name}'s {folds} folds")
-    manifest = write_manifest(out / MANIFEST_NAME, checkpoints, classes, ensemble.preprocessing, calibration,
-                              folds=folds, cv=CV_NAME, oof=OOF_NAME)
+    cv, manifest = write_ensemble(out, out_of_fold(out, splits), checkpoints,
+                                  f"out-of-fold predictions of {out.name}'s {folds} folds",
+                                  {"validation_lesions_disjoint": True,
+                                   "test_images": int((splits[0]["split"] == "test").sum())}, folds=folds)
     print(f"Ensemble of {folds} folds: {manifest}")
 
     test_ids = splits[0].loc[splits[0]["split"] == "test", "image_id"]
@@ -178,3 +171,83 @@ def summarise(config: Config, out: Path, splits: list[pd.DataFrame], frame: pd.D
         report = evaluate_frame(manifest, images, out / "test", settings)
         print(f"Test part (the ensemble, once): {report.headline()}")
     return cv
+
+
+def write_ensemble(out: Path, oof: pd.DataFrame, checkpoints: list[Path], title: str, about: dict,
+                   **manifest_extra) -> tuple[dict, Path]:
+    """Write ``oof`` (the out-of-fold predictions), its estimate (``cv.json``, with ``about``) and the manifest of
+    ``checkpoints`` as one ensemble, whose calibration record is fitted on ``oof`` (called ``title``). Returns the
+    estimate and the manifest's path."""
+    classes = list(CLASSES)
+    atomic_write_csv(oof, out / OOF_NAME, "out-of-fold predictions", index=False, float_format="%.6f")
+    cv = {**cv_estimate(oof, classes), **about}
+    atomic_write_text(out / CV_NAME, json.dumps(cv, indent=2) + "\n", "cross-validation estimate")
+    ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
+    labels, probabilities = oof_arrays(oof, classes)
+    calibration = fit_ensemble_calibration(probabilities, labels, classes, ensemble.members[0].calibration, title)
+    manifest = write_manifest(out / MANIFEST_NAME, checkpoints, classes, ensemble.preprocessing, calibration,
+                              cv=CV_NAME, oof=OOF_NAME, **manifest_extra)
+    return cv, manifest
+
+
+def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
+    """The members of several finished cross-validations that cut the same folds (the same data, ``split.seed``,
+    ``split.test_fraction`` and K; other training seeds or recipes) as one ensemble in ``out``: each non-test
+    image's out-of-fold probabilities are the mean of those of every run's model that did not train on it, which
+    is what the ensemble would give it with the members that saw it left out. Writes ``oof.csv``, ``cv.json`` and
+    ``ensemble.json`` (members named relative to ``out``); reads no test image."""
+    runs = [Path(run) for run in runs]
+    if len(runs) < 2:
+        raise LesionkitError("give two or more `lesionkit train --folds K` run folders to combine")
+    if any(out.resolve() == run.resolve() for run in runs) or (out / FOLDS_NAME).exists() or (
+            out / "config.yaml").exists():
+        raise LesionkitError(f"{out} holds a run: choose a new folder for the combined ensemble")
+    folds = [finished_folds(run) for run in runs]
+    for run, k in zip(runs[1:], folds[1:], strict=True):
+        if k != folds[0]:
+            raise LesionkitError(f"{run} holds {k} folds and {runs[0]} {folds[0]}: runs combine only when they cut "
+                                 f"the same folds")
+        for n in range(1, k + 1):
+            theirs, ours = (read_fold_parts(fold_folder(r, n)) for r in (run, runs[0]))
+            if not theirs.equals(ours):
+                raise LesionkitError(f"fold {n} of {run} splits the images otherwise than fold {n} of {runs[0]}: "
+                                     f"runs combine only when they cut the same folds (the same data, split.seed, "
+                                     f"split.test_fraction and --folds)")
+    checkpoints = [member for run in runs for member in read_manifest(run / MANIFEST_NAME)[1]]
+    tables = [pd.read_csv(run / OOF_NAME, dtype={"image_id": str, "dx": str}).set_index("image_id") for run in runs]
+    first = tables[0]
+    columns = [f"p_{c}" for c in CLASSES]
+    for run, table in zip(runs[1:], tables[1:], strict=True):
+        if set(table.index) != set(first.index) or not table.loc[first.index, "fold"].equals(first["fold"]):
+            raise LesionkitError(f"{run / OOF_NAME} does not score the images of {runs[0] / OOF_NAME} by the same "
+                                 f"folds: finish the run again (`lesionkit train --folds K --out {run} --resume`)")
+    mean = sum(table.loc[first.index, columns].to_numpy(dtype=float) for table in tables) / len(tables)
+    oof = first[["lesion_id", "dx", "fold"]].reset_index()
+    oof.insert(4, "prediction", [CLASSES[i] for i in mean.argmax(axis=1)])
+    oof[columns] = mean
+    out.mkdir(parents=True, exist_ok=True)
+    named = [os.path.relpath(run.resolve(), out.resolve()) for run in runs]
+    about = {"runs": named, "estimate": f"pooled out-of-fold predictions: each non-test image scored by the mean "
+                                        f"of the {len(runs)} runs' fold models that did not train on it"}
+    return write_ensemble(out, oof, checkpoints, f"out-of-fold predictions of {', '.join(named)} ({folds[0]} folds "
+                                                 f"each, averaged)", about, folds=folds[0], runs=named)
+
+
+def finished_folds(run: Path) -> int:
+    """K of the finished cross-validation in ``run``; refused where a fold or the summary is missing."""
+    path = run / FOLDS_NAME
+    if not path.is_file():
+        raise LesionkitError(f"{run} holds no cross-validation ({FOLDS_NAME}): give the folder of a "
+                             f"`lesionkit train --folds K` run")
+    held = json.loads(path.read_text())
+    if sorted(held["finished"]) != list(range(1, held["folds"] + 1)) or not (run / MANIFEST_NAME).is_file():
+        raise LesionkitError(f"{run} has not finished (folds done: {held['finished'] or 'none'} of "
+                             f"{held['folds']}): continue it with `lesionkit train --folds {held['folds']} --out "
+                             f"{run} --resume`")
+    return held["folds"]
+
+
+def read_fold_parts(fold: Path) -> pd.DataFrame:
+    """Each image's part (train, val or test) in the split file of ``fold``, in image order."""
+    parts = pd.read_csv(fold / "split.csv", usecols=["image_id", "split"], dtype=str)
+    return parts.sort_values("image_id", ignore_index=True)
