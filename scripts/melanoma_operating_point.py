@@ -1,11 +1,13 @@
 """What favouring melanoma at the argmax would cost, measured on the out-of-fold predictions of `train --folds`.
 
-    python scripts/melanoma_operating_point.py RUN [--targets 0.70 0.75 0.80] [--test]
+    python scripts/melanoma_operating_point.py RUN [--targets 0.70 0.75 0.80] [--every-class] [--test]
 
 A weight w on p(mel) before the argmax trades the other classes' recall for melanoma's. For each target
 sensitivity, and for each fold in turn, the smallest w that reaches the target on the other folds' predictions is
 applied to this fold's, so that no image's decision was fitted on that image; the pooled figures (with lesion
-bootstrap intervals) say what the weight would give on images it has not seen. Nothing here reads the test part
+bootstrap intervals) say what the weight would give on images it has not seen. With --every-class, a last row
+weighs every class, each weight chosen for the balanced accuracy of the other folds (coordinate ascent over
+log-weights), cross-fitted the same way. Nothing here reads the test part
 unless asked: with --test, the weight fitted on all the out-of-fold predictions is applied to the ensemble's test
 predictions (RUN/test/predictions.csv), which is a look at the test part.
 """
@@ -44,13 +46,33 @@ def smallest_weight(probabilities: np.ndarray, labels: np.ndarray, mel: int, tar
     return float(WEIGHTS[-1])
 
 
+def balanced_weights(probabilities: np.ndarray, labels: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """One weight per class (geometric mean 1) whose argmax reaches the highest balanced accuracy on
+    ``labels``: each class's log-weight in turn set to the best of -1.5 to 1.5 in steps of 0.05, ``rounds``
+    times over."""
+    logs, grid, classes = np.log(np.clip(probabilities, 1e-12, None)), np.arange(-1.5, 1.501, 0.05), range(
+        probabilities.shape[1])
+    weights = np.zeros(probabilities.shape[1])
+
+    def balanced(candidate: np.ndarray) -> float:
+        decided = (logs + candidate).argmax(axis=1)
+        return float(np.mean([(decided[labels == k] == k).mean() for k in classes if (labels == k).any()]))
+
+    for _ in range(rounds):
+        for k in classes:
+            scores = [balanced(np.where(np.arange(len(weights)) == k, value, weights)) for value in grid]
+            weights[k] = grid[int(np.argmax(scores))]
+        weights -= weights.mean()
+    return np.exp(weights)
+
+
 def table_header(classes: list[str], weight_column: str) -> str:
     return (f"| melanoma sensitivity fitted for | {weight_column} | balanced accuracy (95% CI) "
             "| melanoma sensitivity (95% CI) | " + " | ".join(f"{c} recall" for c in classes) + " |\n"
             + "| --- " * (4 + len(classes)) + "|")
 
 
-def table_row(target: float | None, weights: list[float], labels: np.ndarray, decided: np.ndarray,
+def table_row(target: float | str | None, weights: list[float], labels: np.ndarray, decided: np.ndarray,
               classes: list[str], groups: np.ndarray) -> str:
     found = classification_metrics(labels, decided, classes)
     bounds = intervals(labels, decided, classes, groups, BootstrapSettings())["intervals"]
@@ -60,7 +82,8 @@ def table_row(target: float | None, weights: list[float], labels: np.ndarray, de
         return f"{100 * found[name]:.2f}% ({100 * low:.2f}-{100 * high:.2f})"
 
     recalls = " | ".join(f"{100 * found['per_class'][c]['recall']:.1f}%" for c in classes)
-    return (f"| {'argmax' if target is None else f'{100 * target:.0f}%'} | {', '.join(f'{w:.2f}' for w in weights)} "
+    fitted_for = "argmax" if target is None else target if isinstance(target, str) else f"{100 * target:.0f}%"
+    return (f"| {fitted_for} | {', '.join(f'{w:.2f}' for w in weights)} "
             f"| {figure('balanced_accuracy')} | {figure('melanoma_sensitivity')} | {recalls} |")
 
 
@@ -68,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a `lesionkit train --folds K` run folder (its oof.csv)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.70, 0.75, 0.80, 0.85, 0.90])
+    parser.add_argument("--every-class", action="store_true",
+                        help="also a weight on every class, fitted for balanced accuracy (p(mel)'s listed per fold)")
     parser.add_argument("--test", action="store_true",
                         help="also apply the weight fitted on all out-of-fold predictions to RUN/test/predictions.csv")
     args = parser.parse_args()
@@ -93,6 +118,17 @@ def main() -> None:
             decided[here] = weighted(probabilities[here], mel, weight)
             used.append(weight)
         print(table_row(target, used, labels, decided, classes, groups))
+    if args.every_class:
+        decided, used = np.empty_like(probabilities), []
+        for fold in np.unique(folds):
+            here = folds == fold
+            weights = balanced_weights(probabilities[~here], labels[~here])
+            decided[here] = probabilities[here] * weights
+            used.append(weights)
+        print(table_row("every class, for balanced accuracy", [w[mel] for w in used], labels, decided, classes,
+                        groups))
+        print("\nweights per fold (" + ", ".join(classes) + "): "
+              + "; ".join(" ".join(f"{v:.2f}" for v in w) for w in used))
 
     if args.test:
         test = pd.read_csv(args.run / "test" / "predictions.csv")
