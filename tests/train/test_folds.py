@@ -323,4 +323,19 @@ def test_runs_that_cut_other_folds_or_have_not_finished_are_refused(folds_run, s
         assert message in err and "Traceback" not in err, err
     assert main(["ensemble", str(run), str(second_run), "--out", str(run)]) == 1
     assert "holds a run: choose a new folder" in capsys.readouterr().err
-    assert not (tmp_path / "combined" / "ensemble.json").exists()
+    assert main(["ensemble", str(run), str(run), "--out", str(tmp_path / "combined")]) == 1
+    assert "a run is named twice" in capsys.readouterr().err
+    assert not (tmp_path / "combined").exists(), "a refused combination writes nothing"
+
+    # A combined ensemble whose member was retrained is refused, naming the command that writes it again.
+    copies = [tmp_path / "copies" / r.name for r in (run, second_run)]
+    for source, copy in zip((run, second_run), copies, strict=True):
+        shutil.copytree(source, copy)
+    assert main(["ensemble", *map(str, copies), "--out", str(tmp_path / "copies" / "both")]) == 0
+    member = copies[1] / "fold-2" / "checkpoints" / "best.ckpt"
+    member.write_bytes(member.read_bytes() + b"!")
+    capsys.readouterr()
+    image = str(next((folds_run[0]).rglob("*.jpg")))
+    assert main(["predict", "--checkpoint", str(tmp_path / "copies" / "both"), image]) == 1
+    err = capsys.readouterr().err
+    assert f"member {member}" in err and "is not the file" in err and "`lesionkit ensemble " in err

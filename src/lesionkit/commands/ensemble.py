@@ -20,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from lesionkit.evaluate.crossval import cv_line
-    from lesionkit.serve.ensemble import read_manifest
     from lesionkit.train.folds import combine
 
     cv, manifest = combine(args.runs, args.out)
-    members = len(read_manifest(manifest)[1])
+    members = len(json.loads(manifest.read_text())["members"])
     print(f"{cv_line(cv)}\nEnsemble of {members} members from {len(args.runs)} runs: {manifest}\n"
           f"Its test part, once: lesionkit evaluate --checkpoint {manifest} --data-dir DIR --split-file "
-          f"{args.runs[0] / 'fold-1' / 'split.csv'} --split test")
+          f"{args.runs[0] / 'fold-1' / 'split.csv'} --split test --out {args.out / 'test'} [--allow-missing]")
     return 0

@@ -74,11 +74,11 @@ def read_manifest(path: Path) -> tuple[dict, list[Path]]:
                              f"one with `lesionkit train --folds K`")
     folder = Path(path).parent
     # What writes this manifest again: a combination of runs, or one cross-validation.
-    again = (f"lesionkit ensemble {' '.join(str(folder / run) for run in manifest['runs'])} --out {folder}"
+    again = (f"lesionkit ensemble {' '.join(os.path.normpath(folder / run) for run in manifest['runs'])} --out {folder}"
              if manifest.get("runs") else f"lesionkit train --folds K --out {folder} --resume")
     members = []
     for member in manifest["members"]:
-        checkpoint = folder / member["checkpoint"]
+        checkpoint = Path(os.path.normpath(folder / member["checkpoint"]))  # ../ where runs were combined
         if not checkpoint.is_file():
             raise LesionkitError(f"{path}: member {checkpoint} does not exist; the ensemble needs every member "
                                  f"(rerun `{again}`)")

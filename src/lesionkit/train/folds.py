@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -179,10 +180,11 @@ def write_ensemble(out: Path, oof: pd.DataFrame, checkpoints: list[Path], title:
     ``checkpoints`` as one ensemble, whose calibration record is fitted on ``oof`` (called ``title``). Returns the
     estimate and the manifest's path."""
     classes = list(CLASSES)
+    ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(oof, out / OOF_NAME, "out-of-fold predictions", index=False, float_format="%.6f")
     cv = {**cv_estimate(oof, classes), **about}
     atomic_write_text(out / CV_NAME, json.dumps(cv, indent=2) + "\n", "cross-validation estimate")
-    ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
     labels, probabilities = oof_arrays(oof, classes)
     calibration = fit_ensemble_calibration(probabilities, labels, classes, ensemble.members[0].calibration, title)
     manifest = write_manifest(out / MANIFEST_NAME, checkpoints, classes, ensemble.preprocessing, calibration,
@@ -199,6 +201,8 @@ def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
     runs = [Path(run) for run in runs]
     if len(runs) < 2:
         raise LesionkitError("give two or more `lesionkit train --folds K` run folders to combine")
+    if len({run.resolve() for run in runs}) < len(runs):
+        raise LesionkitError(f"{' '.join(map(str, runs))}: a run is named twice; give each run once")
     if any(out.resolve() == run.resolve() for run in runs) or (out / FOLDS_NAME).exists() or (
             out / "config.yaml").exists():
         raise LesionkitError(f"{out} holds a run: choose a new folder for the combined ensemble")
@@ -213,7 +217,8 @@ def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
                 raise LesionkitError(f"fold {n} of {run} splits the images otherwise than fold {n} of {runs[0]}: "
                                      f"runs combine only when they cut the same folds (the same data, split.seed, "
                                      f"split.test_fraction and --folds)")
-    checkpoints = [member for run in runs for member in read_manifest(run / MANIFEST_NAME)[1]]
+    members = [read_manifest(run / MANIFEST_NAME)[1] for run in runs]
+    checkpoints = [member for each in members for member in each]
     tables = [pd.read_csv(run / OOF_NAME, dtype={"image_id": str, "dx": str}).set_index("image_id") for run in runs]
     first = tables[0]
     columns = [f"p_{c}" for c in CLASSES]
@@ -222,15 +227,23 @@ def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
             raise LesionkitError(f"{run / OOF_NAME} does not score the images of {runs[0] / OOF_NAME} by the same "
                                  f"folds: finish the run again (`lesionkit train --folds K --out {run} --resume`)")
     mean = sum(table.loc[first.index, columns].to_numpy(dtype=float) for table in tables) / len(tables)
-    oof = first[["lesion_id", "dx", "fold"]].reset_index()
-    oof.insert(4, "prediction", [CLASSES[i] for i in mean.argmax(axis=1)])
-    oof[columns] = mean
-    out.mkdir(parents=True, exist_ok=True)
+    oof = first[["lesion_id", "dx", "fold"]].reset_index().assign(
+        prediction=[CLASSES[i] for i in mean.argmax(axis=1)], **dict(zip(columns, mean.T, strict=True)))
+    oof = oof[["image_id", "lesion_id", "dx", "fold", "prediction", *columns]]  # as out_of_fold writes it
     named = [os.path.relpath(run.resolve(), out.resolve()) for run in runs]
+    parts = read_fold_parts(fold_folder(runs[0], 1))
     about = {"runs": named, "estimate": f"pooled out-of-fold predictions: each non-test image scored by the mean "
-                                        f"of the {len(runs)} runs' fold models that did not train on it"}
-    return write_ensemble(out, oof, checkpoints, f"out-of-fold predictions of {', '.join(named)} ({folds[0]} folds "
-                                                 f"each, averaged)", about, folds=folds[0], runs=named)
+                                        f"of the {len(runs)} runs' fold models that did not train on it",
+             "validation_lesions_disjoint": True, "test_images": int((parts["split"] == "test").sum())}
+    try:
+        return write_ensemble(out, oof, checkpoints, f"out-of-fold predictions of {', '.join(named)} ({folds[0]} "
+                                                     f"folds each, averaged)", about, folds=folds[0], runs=named)
+    except LesionkitError as err:  # an unlike member, numbered in the combined list: say whose it is
+        first_member = np.cumsum([1, *map(len, members[:-1])])
+        owners = ", ".join(f"{start}-{start + len(each) - 1} are {run}'s"
+                           for start, each, run in zip(first_member, members, runs, strict=True))
+        raise LesionkitError(f"{err} (members {owners}); runs combine when their members share the image size, "
+                             f"preprocessing and clinical fields") from None
 
 
 def finished_folds(run: Path) -> int:
@@ -240,10 +253,13 @@ def finished_folds(run: Path) -> int:
         raise LesionkitError(f"{run} holds no cross-validation ({FOLDS_NAME}): give the folder of a "
                              f"`lesionkit train --folds K` run")
     held = json.loads(path.read_text())
-    if sorted(held["finished"]) != list(range(1, held["folds"] + 1)) or not (run / MANIFEST_NAME).is_file():
+    resume = f"`lesionkit train --folds {held['folds']} --out {run} --resume`"
+    if sorted(held["finished"]) != list(range(1, held["folds"] + 1)):
         raise LesionkitError(f"{run} has not finished (folds done: {held['finished'] or 'none'} of "
-                             f"{held['folds']}): continue it with `lesionkit train --folds {held['folds']} --out "
-                             f"{run} --resume`")
+                             f"{held['folds']}): continue it with {resume}")
+    if not (run / MANIFEST_NAME).is_file() or not (run / OOF_NAME).is_file():
+        raise LesionkitError(f"{run}: its folds finished but it holds no {MANIFEST_NAME} or {OOF_NAME}: write them "
+                             f"with {resume}")
     return held["folds"]
 
 
