@@ -34,7 +34,9 @@ def recorded_patient(image: Path) -> dict[str, str]:
             rows = pd.read_csv(folder / "HAM10000_metadata.csv", dtype=str).set_index("image_id")
             if image.stem in rows.index:
                 row = rows.loc[image.stem]
-                return {"age": str(int(float(row["age"]))), "sex": row["sex"], "localization": row["localization"]}
+                recorded = {"age": str(int(float(row["age"]))) if pd.notna(row["age"]) else None,
+                            "sex": row["sex"], "localization": row["localization"]}
+                return {field: value for field, value in recorded.items() if pd.notna(value) and value != "unknown"}
     return {}
 
 
@@ -68,8 +70,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "images")
     args = parser.parse_args()
     image = args.image or min(ORIGINALS.rglob("*.jpg"), default=None)
-    if image is None or not image.is_file():
+    if image is None:
         parser.error(f"no image: pass --image, or set LESIONKIT_DATA to a folder beside {ORIGINALS.name}")
+    if not image.is_file():
+        parser.error(f"{image} does not exist: check --image")
     given = {"age": args.age, "sex": args.sex, "localization": args.site}
     patient = {**recorded_patient(image), **{field: value for field, value in given.items() if value}}
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

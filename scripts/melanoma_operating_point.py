@@ -6,7 +6,7 @@ A weight w on p(mel) before the argmax trades the other classes' recall for mela
 sensitivity, and for each fold in turn, the smallest w that reaches the target on the other folds' predictions is
 applied to this fold's, so that no image's decision was fitted on that image; the pooled figures (with lesion
 bootstrap intervals) say what the weight would give on images it has not seen. With --every-class, a last row
-weighs every class, each weight chosen for the balanced accuracy of the other folds (coordinate ascent over
+weighs every class, the weights chosen for the balanced accuracy of the other folds (coordinate ascent over
 log-weights), cross-fitted the same way. Nothing here reads the test part
 unless asked: with --test, the weight fitted on all the out-of-fold predictions is applied to the ensemble's test
 predictions (RUN/test/predictions.csv), which is a look at the test part.
@@ -49,7 +49,8 @@ def smallest_weight(probabilities: np.ndarray, labels: np.ndarray, mel: int, tar
 def balanced_weights(probabilities: np.ndarray, labels: np.ndarray, rounds: int = 3) -> np.ndarray:
     """One weight per class (geometric mean 1) whose argmax reaches the highest balanced accuracy on
     ``labels``: each class's log-weight in turn set to the best of -1.5 to 1.5 in steps of 0.05, ``rounds``
-    times over."""
+    times over. Among equally good values a log-weight stays where it is if it can, else takes the one nearest
+    0, so that a flat stretch leaves the weight alone rather than at the grid's edge."""
     logs, grid, classes = np.log(np.clip(probabilities, 1e-12, None)), np.arange(-1.5, 1.501, 0.05), range(
         probabilities.shape[1])
     weights = np.zeros(probabilities.shape[1])
@@ -60,14 +61,15 @@ def balanced_weights(probabilities: np.ndarray, labels: np.ndarray, rounds: int 
 
     for _ in range(rounds):
         for k in classes:
-            scores = [balanced(np.where(np.arange(len(weights)) == k, value, weights)) for value in grid]
-            weights[k] = grid[int(np.argmax(scores))]
+            scores = np.array([balanced(np.where(np.arange(len(weights)) == k, value, weights)) for value in grid])
+            best = grid[scores == scores.max()]
+            weights[k] = weights[k] if np.isclose(best, weights[k]).any() else best[np.abs(best).argmin()]
         weights -= weights.mean()
     return np.exp(weights)
 
 
 def table_header(classes: list[str], weight_column: str) -> str:
-    return (f"| melanoma sensitivity fitted for | {weight_column} | balanced accuracy (95% CI) "
+    return (f"| fitted for | {weight_column} | balanced accuracy (95% CI) "
             "| melanoma sensitivity (95% CI) | " + " | ".join(f"{c} recall" for c in classes) + " |\n"
             + "| --- " * (4 + len(classes)) + "|")
 
@@ -82,7 +84,8 @@ def table_row(target: float | str | None, weights: list[float], labels: np.ndarr
         return f"{100 * found[name]:.2f}% ({100 * low:.2f}-{100 * high:.2f})"
 
     recalls = " | ".join(f"{100 * found['per_class'][c]['recall']:.1f}%" for c in classes)
-    fitted_for = "argmax" if target is None else target if isinstance(target, str) else f"{100 * target:.0f}%"
+    fitted_for = ("argmax" if target is None else target if isinstance(target, str)
+                  else f"melanoma sensitivity {100 * target:.0f}%")
     return (f"| {fitted_for} | {', '.join(f'{w:.2f}' for w in weights)} "
             f"| {figure('balanced_accuracy')} | {figure('melanoma_sensitivity')} | {recalls} |")
 
@@ -109,7 +112,7 @@ def main() -> None:
     groups, folds, mel = table["lesion_id"].to_numpy(), table["fold"].to_numpy(), classes.index(MELANOMA)
 
     print(f"{args.run / OOF_NAME}: {len(table)} images, {len(np.unique(folds))} folds\n")
-    print(table_header(classes, "weight on p(mel), per fold"))
+    print(table_header(classes, "weight on p(mel) against nv, per fold"))
     for target in [None, *args.targets]:
         decided, used = np.empty_like(probabilities), []
         for fold in np.unique(folds):
@@ -123,11 +126,13 @@ def main() -> None:
         for fold in np.unique(folds):
             here = folds == fold
             weights = balanced_weights(probabilities[~here], labels[~here])
-            decided[here] = probabilities[here] * weights
+            weights /= weights[classes.index("nv")]  # against nv, like the melanoma rows' weight (others at 1)
+            decided[here] = probabilities[here] * weights / (probabilities[here] * weights).sum(axis=1,
+                                                                                                keepdims=True)
             used.append(weights)
-        print(table_row("every class, for balanced accuracy", [w[mel] for w in used], labels, decided, classes,
+        print(table_row("balanced accuracy, a weight per class", [w[mel] for w in used], labels, decided, classes,
                         groups))
-        print("\nweights per fold (" + ", ".join(classes) + "): "
+        print("\nweights per fold against nv (" + ", ".join(classes) + "): "
               + "; ".join(" ".join(f"{v:.2f}" for v in w) for w in used))
 
     if args.test:
@@ -137,7 +142,7 @@ def main() -> None:
         test_groups = test.merge(lesions, on="image_id", how="left")["lesion_id"].to_numpy()
         print(f"\n{args.run / 'test' / 'predictions.csv'}: {len(test)} images, {len(set(test_groups))} lesions; "
               f"each weight fitted on all {len(table)} out-of-fold predictions\n")
-        print(table_header(classes, "weight on p(mel)"))
+        print(table_header(classes, "weight on p(mel) against nv"))
         for target in [None, *args.targets]:
             weight = 1.0 if target is None else smallest_weight(probabilities, labels, mel, target)
             print(table_row(target, [weight], test_labels, weighted(test_probabilities, mel, weight), classes,

@@ -94,6 +94,8 @@ def main() -> None:
             (out / "test").mkdir(exist_ok=True)
             shutil.copy(work / "test" / "report.json", out / "test" / "report.json")
             figures["slim checkpoint, test part"] = json.loads((work / "test" / "report.json").read_text())
+        else:
+            shutil.rmtree(out / "test", ignore_errors=True)  # a previous model's test report is not this one's
         latency = latency_ms([float32, exported])
     for name in RUN_FILES:
         shutil.copy(args.run_dir / name, out / name)
