@@ -1,10 +1,10 @@
 """Screenshots of the web demo serving the shipped model, taken in the system's Chromium, for the README:
 
-    python scripts/demo_screenshots.py [--image IMAGE] [--out docs/images]
+    python scripts/demo_screenshots.py IMAGE [--out docs/images]
 
-- ``demo.png``: a dermoscopic image (by default the first 600x450 HAM10000 original of the shared data) with the
-  patient's age, sex and body site filled in as a user would, from the ``HAM10000_metadata.csv`` beside the image
-  when it has its row (``--age``, ``--sex`` and ``--site`` give or override them);
+- ``demo.png``: ``IMAGE`` (the README's is ``ISIC_0024306.jpg``, a 600x450 HAM10000 original) with the patient's
+  age, sex and body site filled in as a user would, from the ``HAM10000_metadata.csv`` beside the image when it
+  has its row (``--age``, ``--sex`` and ``--site`` give or override them);
 - ``demo-not-dermoscopy.png``: scikit-image's astronaut, which the out-of-distribution check warns about.
 
 The page is the one ``lesionkit serve`` starts with no ``--checkpoint``, driven by Playwright.
@@ -13,7 +13,6 @@ The page is the one ``lesionkit serve`` starts with no ``--checkpoint``, driven 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import tempfile
@@ -24,7 +23,6 @@ from PIL import Image
 
 from lesionkit.model.shipped import CHECKPOINT
 
-ORIGINALS = Path(os.environ.get("LESIONKIT_DATA", "../shared/data/ham10000")).parent / "ham10000_fullres_sample"
 
 
 def recorded_patient(image: Path) -> dict[str, str]:
@@ -63,17 +61,15 @@ def shoot(page, url: str, image: Path, out: Path, patient: dict[str, str]) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", type=Path, help="a dermoscopic image (default: the first shared original)")
+    parser.add_argument("image", type=Path, help="a dermoscopic image (JPEG or PNG)")
     parser.add_argument("--age", help="the patient's age in years")
     parser.add_argument("--sex")
     parser.add_argument("--site", help="the body site (HAM10000's localization)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "images")
     args = parser.parse_args()
-    image = args.image or min(ORIGINALS.rglob("*.jpg"), default=None)
-    if image is None:
-        parser.error(f"no image: pass --image, or set LESIONKIT_DATA to a folder beside {ORIGINALS.name}")
+    image = args.image
     if not image.is_file():
-        parser.error(f"{image} does not exist: check --image")
+        parser.error(f"{image} does not exist: give the path of a dermoscopic image")
     given = {"age": args.age, "sex": args.sex, "localization": args.site}
     patient = {**recorded_patient(image), **{field: value for field, value in given.items() if value}}
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
