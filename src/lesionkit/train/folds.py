@@ -207,13 +207,13 @@ def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
             out / "config.yaml").exists():
         raise LesionkitError(f"{out} holds a run: choose a new folder for the combined ensemble")
     folds = [finished_folds(run) for run in runs]
+    reference = [read_fold_parts(fold_folder(runs[0], n)) for n in range(1, folds[0] + 1)]
     for run, k in zip(runs[1:], folds[1:], strict=True):
         if k != folds[0]:
             raise LesionkitError(f"{run} holds {k} folds and {runs[0]} {folds[0]}: runs combine only when they cut "
                                  f"the same folds")
-        for n in range(1, k + 1):
-            theirs, ours = (read_fold_parts(fold_folder(r, n)) for r in (run, runs[0]))
-            if not theirs.equals(ours):
+        for n, ours in enumerate(reference, 1):
+            if not read_fold_parts(fold_folder(run, n)).equals(ours):
                 raise LesionkitError(f"fold {n} of {run} splits the images otherwise than fold {n} of {runs[0]}: "
                                      f"runs combine only when they cut the same folds (the same data, split.seed, "
                                      f"split.test_fraction and --folds)")
@@ -231,7 +231,7 @@ def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
         prediction=[CLASSES[i] for i in mean.argmax(axis=1)], **dict(zip(columns, mean.T, strict=True)))
     oof = oof[["image_id", "lesion_id", "dx", "fold", "prediction", *columns]]  # as out_of_fold writes it
     named = [os.path.relpath(run.resolve(), out.resolve()) for run in runs]
-    parts = read_fold_parts(fold_folder(runs[0], 1))
+    parts = reference[0]
     about = {"runs": named, "estimate": f"pooled out-of-fold predictions: each non-test image scored by the mean "
                                         f"of the {len(runs)} runs' fold models that did not train on it",
              "validation_lesions_disjoint": True, "test_images": int((parts["split"] == "test").sum())}
