@@ -161,7 +161,8 @@ def _data_sections(split: pd.DataFrame | None, metadata: pd.DataFrame | None, re
              "Cliff Rosendahl's practice (Queensland), CC BY-NC 4.0.",
              f"- Data used: {provenance.get('data', {}).get('images', 'n/a')} images of "
              f"{provenance.get('data', {}).get('lesions', 'n/a')} lesions, metadata md5 "
-             f"{provenance.get('data', {}).get('metadata_md5', 'n/a')}; image sizes {report.data.get('image_sizes')}."]
+             f"{provenance.get('data', {}).get('metadata_md5', 'n/a')}; sizes of the images evaluated "
+             f"({report.data.get('part', 'all')} part): {report.data.get('image_sizes')}."]
     if split is not None:
         lines.append("- Split: grouped by `lesion_id` and stratified by class (scikit-learn's StratifiedGroupKFold): "
                      "no lesion's images lie in two parts.")
