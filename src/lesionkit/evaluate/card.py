@@ -155,14 +155,16 @@ def _pooling(model: dict) -> str:
 
 def _data_sections(split: pd.DataFrame | None, metadata: pd.DataFrame | None, report: Report,
                    provenance: dict) -> list[str]:
+    part = report.data.get("part")
+    evaluated = f"the {part} part's" if part not in (None, "all") else "the evaluated"
     lines = ["## Training and evaluation data", "",
              "- Source: HAM10000 (Tschandl, Rosendahl and Kittler, Scientific Data 5, 180161, 2018; "
              "doi:10.7910/DVN/DBW86T), dermoscopic images from the ViDIR group (Medical University of Vienna) and "
              "Cliff Rosendahl's practice (Queensland), CC BY-NC 4.0.",
              f"- Data used: {provenance.get('data', {}).get('images', 'n/a')} images of "
              f"{provenance.get('data', {}).get('lesions', 'n/a')} lesions, metadata md5 "
-             f"{provenance.get('data', {}).get('metadata_md5', 'n/a')}; sizes of the images evaluated "
-             f"({report.data.get('part', 'all')} part): {report.data.get('image_sizes')}."]
+             f"{provenance.get('data', {}).get('metadata_md5', 'n/a')}; sizes of {evaluated} images: "
+             f"{report.data.get('image_sizes')}."]
     if split is not None:
         lines.append("- Split: grouped by `lesion_id` and stratified by class (scikit-learn's StratifiedGroupKFold): "
                      "no lesion's images lie in two parts.")
