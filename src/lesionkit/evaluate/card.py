@@ -157,13 +157,13 @@ def _data_sections(split: pd.DataFrame | None, metadata: pd.DataFrame | None, re
                    provenance: dict) -> list[str]:
     part = report.data.get("part")
     evaluated = f"the {part} part's" if part not in (None, "all") else "the evaluated"
+    data = provenance.get("data", {})
     lines = ["## Training and evaluation data", "",
              "- Source: HAM10000 (Tschandl, Rosendahl and Kittler, Scientific Data 5, 180161, 2018; "
              "doi:10.7910/DVN/DBW86T), dermoscopic images from the ViDIR group (Medical University of Vienna) and "
              "Cliff Rosendahl's practice (Queensland), CC BY-NC 4.0.",
-             f"- Data used: {provenance.get('data', {}).get('images', 'n/a')} images of "
-             f"{provenance.get('data', {}).get('lesions', 'n/a')} lesions, metadata md5 "
-             f"{provenance.get('data', {}).get('metadata_md5', 'n/a')}; sizes of {evaluated} images: "
+             f"- Data used: {data.get('images', 'n/a')} images of {data.get('lesions', 'n/a')} lesions, "
+             f"metadata md5 {data.get('metadata_md5', 'n/a')}; sizes of {evaluated} images: "
              f"{report.data.get('image_sizes')}."]
     if split is not None:
         lines.append("- Split: grouped by `lesion_id` and stratified by class (scikit-learn's StratifiedGroupKFold): "
