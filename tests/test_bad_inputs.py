@@ -264,6 +264,9 @@ CASES = {
         "predict", "--checkpoint", str(w / "m.onnx"), "--backend", "torch", str(w / "ham")], 1,
         [r"{w}/m\.onnx is an ONNX export, not a checkpoint: serve it with `lesionkit predict --backend onnx`, or pass "
          r"the \.ckpt it was exported from"]),
+    "ONNX backend before any export": (lambda w: predict(w, "ham") + ["--backend", "onnx"], 1,
+                                       [r"ONNX file {w}/model\.onnx does not exist: write it with `lesionkit export "
+                                        r"--checkpoint {w}/model\.ckpt`"]),
     "TTA on a non-square ONNX export": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0 and [
         "predict", "--tta", "--checkpoint", str(w / "model.onnx"), str(w / "ham")], 1,
         [r"--tta turns images by 90 degrees, from 48x64 to 64x48, and this export serves 48x64 only: export it with "

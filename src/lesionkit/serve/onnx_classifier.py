@@ -33,7 +33,11 @@ class OnnxClassifier:
             raise LesionkitError("--backend onnx needs onnxruntime: pip install onnxruntime") from None
         path = Path(path)
         if not path.is_file():
-            raise LesionkitError(f"ONNX file {path} does not exist: write it with `lesionkit export --checkpoint C`")
+            # The checkpoint or ensemble manifest this file is exported from, where one lies beside it.
+            source = next((str(path.with_suffix(suffix)) for suffix in (".ckpt", ".json")
+                           if path.with_suffix(suffix).is_file()), "C")
+            raise LesionkitError(f"ONNX file {path} does not exist: write it with `lesionkit export --checkpoint "
+                                 f"{source}`")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
