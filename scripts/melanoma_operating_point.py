@@ -23,27 +23,10 @@ import pandas as pd
 from lesionkit import CLASSES
 from lesionkit.evaluate.bootstrap import BootstrapSettings, intervals
 from lesionkit.evaluate.crossval import OOF_NAME, fold_folder, oof_arrays
+from lesionkit.evaluate.decisions import melanoma_weight, on_melanoma, weigh
 from lesionkit.evaluate.metrics import classification_metrics
 
 MELANOMA = "mel"
-WEIGHTS = np.exp(np.arange(0, 3.001, 0.01))  # log-weights 0 to 3 in steps of 0.01
-
-
-def weighted(probabilities: np.ndarray, mel: int, weight: float) -> np.ndarray:
-    """``probabilities`` with p(mel) multiplied by ``weight`` and renormalised."""
-    shifted = probabilities.copy()
-    shifted[:, mel] *= weight
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def smallest_weight(probabilities: np.ndarray, labels: np.ndarray, mel: int, target: float) -> float:
-    """The smallest weight of :data:`WEIGHTS` whose argmax finds ``target`` of the melanomas (the largest where
-    none does)."""
-    melanomas = probabilities[labels == mel]
-    for weight in WEIGHTS:
-        if (weighted(melanomas, mel, weight).argmax(axis=1) == mel).mean() >= target:
-            return float(weight)
-    return float(WEIGHTS[-1])
 
 
 def balanced_weights(probabilities: np.ndarray, labels: np.ndarray, rounds: int = 3) -> np.ndarray:
@@ -117,8 +100,9 @@ def main() -> None:
         decided, used = np.empty_like(probabilities), []
         for fold in np.unique(folds):
             here = folds == fold
-            weight = 1.0 if target is None else smallest_weight(probabilities[~here], labels[~here], mel, target)
-            decided[here] = weighted(probabilities[here], mel, weight)
+            weight = 1.0 if target is None else melanoma_weight(probabilities[~here], labels[~here], classes,
+                                                                target)
+            decided[here] = weigh(probabilities[here], on_melanoma(classes, weight))
             used.append(weight)
         print(table_row(target, used, labels, decided, classes, groups))
     if args.every_class:
@@ -127,8 +111,7 @@ def main() -> None:
             here = folds == fold
             weights = balanced_weights(probabilities[~here], labels[~here])
             weights /= weights[classes.index("nv")]  # against nv, like the melanoma rows' weight (others at 1)
-            decided[here] = probabilities[here] * weights / (probabilities[here] * weights).sum(axis=1,
-                                                                                                keepdims=True)
+            decided[here] = weigh(probabilities[here], weights)
             used.append(weights)
         print(table_row("balanced accuracy, a weight per class", [w[mel] for w in used], labels, decided, classes,
                         groups))
@@ -144,9 +127,9 @@ def main() -> None:
               f"each weight fitted on all {len(table)} out-of-fold predictions\n")
         print(table_header(classes, "weight on p(mel) against nv"))
         for target in [None, *args.targets]:
-            weight = 1.0 if target is None else smallest_weight(probabilities, labels, mel, target)
-            print(table_row(target, [weight], test_labels, weighted(test_probabilities, mel, weight), classes,
-                            test_groups))
+            weight = 1.0 if target is None else melanoma_weight(probabilities, labels, classes, target)
+            print(table_row(target, [weight], test_labels, weigh(test_probabilities, on_melanoma(classes, weight)),
+                            classes, test_groups))
 
 
 if __name__ == "__main__":

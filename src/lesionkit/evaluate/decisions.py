@@ -24,6 +24,7 @@ from lesionkit.serve.classifier import softmax
 
 REFERRAL_SENSITIVITY = 0.90  # of validation melanomas referred, unless `evaluate --melanoma-sensitivity` says
 REPORTED_COVERAGE = 0.90
+MELANOMA_WEIGHTS = np.exp(np.arange(0, 3.001, 0.01))  # weights on p(mel) tried: log-weights 0 to 3 by 0.01
 
 
 def fit_and_save_calibration(checkpoint: Path, logits: np.ndarray, features: np.ndarray, labels: np.ndarray,
@@ -49,6 +50,28 @@ def fit_and_save_calibration(checkpoint: Path, logits: np.ndarray, features: np.
              if melanoma else "")
           + f" fitted on {len(labels)} images; saved in {path}")
     return replace(calibration, source=str(path))
+
+
+def weigh(probabilities: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``probabilities`` times one weight per class, renormalised: the posterior under a class prior shifted by
+    ``weights``."""
+    shifted = probabilities * weights
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def on_melanoma(classes: list[str], weight: float) -> np.ndarray:
+    """One weight per class for :func:`weigh`: ``weight`` on melanoma, 1 on every other class."""
+    return np.where(np.array(classes) == "mel", weight, 1.0)
+
+
+def melanoma_weight(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], target: float) -> float:
+    """The smallest weight of :data:`MELANOMA_WEIGHTS` on p(mel) whose argmax finds ``target`` of the melanomas
+    among ``labels`` (the largest where none does)."""
+    melanomas = probabilities[labels == classes.index("mel")]
+    for weight in MELANOMA_WEIGHTS:
+        if (weigh(melanomas, on_melanoma(classes, weight)).argmax(axis=1) == classes.index("mel")).mean() >= target:
+            return float(weight)
+    return float(MELANOMA_WEIGHTS[-1])
 
 
 def fit_ensemble_calibration(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], first: Calibration,
