@@ -1,6 +1,7 @@
 """The ensemble classifier and its manifest, on fake checkpoints (no training): the averaged calibrated
 probabilities, the first member's features, and the manifests that must be refused."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,37 @@ def test_the_probabilities_are_the_mean_of_the_members_calibrated_ones(ensemble)
     # With test-time views too: each view's mean, then the views' mean, as for any classifier.
     views = probabilities(classifier, x, tta=True)
     assert views.shape == (5, len(CLASSES)) and np.allclose(views.sum(axis=1), 1)
+
+
+def test_class_weights_shift_the_mean_under_pytorch_and_in_the_export(ensemble, tmp_path):
+    import json
+
+    from lesionkit.serve.export import export_classifier
+    from lesionkit.serve.onnx_classifier import OnnxClassifier
+
+    _, single = ensemble
+    checkpoints = members(tmp_path)
+    path = manifest(tmp_path, checkpoints)
+    written = json.loads(path.read_text())
+    path.write_text(json.dumps({**written, "class_weights": {"mel": 3.0, "df": 0.5}}))
+    weighted = load_torch_classifier(path)
+    x = batch()
+    mean = np.mean([softmax(member.logits(x), member.temperature) for member in single], axis=0)
+    weights = np.array([{"mel": 3.0, "df": 0.5}.get(c, 1.0) for c in CLASSES])
+    expected = mean * weights / (mean * weights).sum(axis=1, keepdims=True)
+    assert np.allclose(probabilities(weighted, x), expected, atol=1e-6)
+    assert not np.allclose(expected, mean, atol=1e-3)
+    assert weighted.meta["model_name"] == "ensemble of 2 test_efficientnet, weighted df x0.50, mel x3.00"
+
+    exported = OnnxClassifier(export_classifier(weighted, path, tmp_path / "ensemble.onnx"))
+    assert np.allclose(probabilities(exported, x), expected, atol=1e-5)
+    assert exported.meta["class_weights"] == {"mel": 3.0, "df": 0.5}
+
+    for bad in ({"melanoma": 2.0}, {"mel": 0}, {"mel": "2"}, [2.0]):
+        path.write_text(json.dumps({**written, "class_weights": bad}))
+        with pytest.raises(LesionkitError, match=re.escape(str(path)) + ": class_weights .* must give positive "
+                                                 "numbers for classes among akiec, bcc"):
+            load_torch_classifier(path)
 
 
 def test_features_are_the_first_members_and_metadata_reaches_every_member(ensemble, monkeypatch):

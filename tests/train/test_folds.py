@@ -299,6 +299,55 @@ def test_two_cross_validations_of_the_same_folds_combine_into_one_ensemble(folds
         "ensemble of 4 test_efficientnet"
 
 
+def test_favouring_melanoma_weighs_p_mel_as_fitted_out_of_fold(folds_run, tmp_path, capsys):
+    from lesionkit.evaluate.decisions import MELANOMA_WEIGHTS
+
+    data, run, *_ = folds_run
+    out = tmp_path / "favoured"
+    assert main(["ensemble", str(run), "--out", str(out), "--favour-melanoma", "0.9"]) == 0
+    printed = capsys.readouterr().out
+    columns, mel = [f"p_{c}" for c in CLASSES], CLASSES.index("mel")
+    plain = pd.read_csv(run / "oof.csv").set_index("image_id")
+    labels = np.array([CLASSES.index(d) for d in plain["dx"]])
+
+    def smallest(here: np.ndarray) -> float:
+        """By brute force: the first weight of the grid whose argmax finds 90% of these melanomas."""
+        weights = [w for w in MELANOMA_WEIGHTS if (
+            (plain.loc[here, columns].to_numpy() * np.where(np.arange(7) == mel, w, 1.0))[labels[here] == mel]
+            .argmax(axis=1) == mel).mean() >= 0.9]
+        return float(weights[0]) if weights else float(MELANOMA_WEIGHTS[-1])
+
+    weight = json.loads((out / "ensemble.json").read_text())["class_weights"]
+    assert weight == {c: (smallest(np.ones(len(plain), dtype=bool)) if c == "mel" else 1.0) for c in CLASSES}
+    assert weight["mel"] > 1, "the tiny models miss melanomas at the plain argmax"
+    # oof.csv: each fold's probabilities weighed by the weight fitted on the other fold.
+    favoured = pd.read_csv(out / "oof.csv").set_index("image_id").loc[plain.index]
+    cv = json.loads((out / "cv.json").read_text())
+    for n, fitted in zip((1, 2), cv["favour_melanoma"]["per_fold"], strict=True):
+        here = (plain["fold"] == n).to_numpy()
+        assert fitted == smallest(~here)
+        shifted = plain.loc[here, columns].to_numpy() * np.where(np.arange(7) == mel, fitted, 1.0)
+        assert np.allclose(favoured.loc[here, columns], shifted / shifted.sum(axis=1, keepdims=True), atol=2e-6)
+    assert cv["pooled"]["melanoma_sensitivity"] == pytest.approx(
+        (favoured[columns].to_numpy().argmax(axis=1)[labels == mel] == mel).mean())
+    assert f"p(mel) weighted {weight['mel']:.2f}" in printed and "Ensemble of 2 members from 1 run," in printed
+
+    # Served: the plain ensemble's probabilities, p(mel) weighed and renormalised.
+    images = sorted(data.rglob("*.jpg"))[:3]
+    answers = []
+    for checkpoint in (run, out):
+        assert main(["predict", "--checkpoint", str(checkpoint), "--format", "json", *map(str, images)]) == 0
+        answers.append(np.array([[a["probabilities"][c] for c in CLASSES]
+                                 for a in json.loads(capsys.readouterr().out)]))
+    shifted = answers[0] * np.where(np.arange(7) == mel, weight["mel"], 1.0)
+    assert np.allclose(answers[1], shifted / shifted.sum(axis=1, keepdims=True), atol=1e-5)
+
+    for bad in ("0", "1", "1.5"):
+        assert main(["ensemble", str(run), "--out", str(tmp_path / "bad"), "--favour-melanoma", bad]) == 1
+        assert f"--favour-melanoma {bad}: must be between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_runs_that_cut_other_folds_or_have_not_finished_are_refused(folds_run, second_run, tmp_path, capsys):
     import shutil
 

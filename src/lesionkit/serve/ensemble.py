@@ -6,7 +6,9 @@ preprocessing they share, and the ensemble's own calibration record (fitted on t
 :func:`lesionkit.evaluate.decisions.fit_ensemble_calibration`). A member that is missing or whose file changed
 is refused, naming the file. :class:`EnsembleClassifier` averages the members' probabilities, each at its own
 fitted temperature, and gives the log of that mean as its logits at temperature 1, so that everything written
-for one classifier (predict, evaluate, the report, test-time views, export) serves an ensemble unchanged.
+for one classifier (predict, evaluate, the report, test-time views, export) serves an ensemble unchanged. A
+manifest may also weigh the classes (``class_weights``, written by ``lesionkit ensemble --favour-melanoma``): the
+mean is then multiplied by the weights and renormalised, the probabilities under a class prior shifted by them.
 
 NumPy and the standard library at import: ``predict --backend onnx`` imports this module to find a manifest.
 """
@@ -103,7 +105,8 @@ class EnsembleClassifier:
 
     temperature = 1.0
 
-    def __init__(self, members: list, calibration: Calibration = Calibration(), meta: dict | None = None):
+    def __init__(self, members: list, calibration: Calibration = Calibration(), meta: dict | None = None,
+                 weights: np.ndarray | None = None):
         first = members[0]
         for n, member in enumerate(members[1:], 2):
             if list(member.classes) != list(first.classes):
@@ -121,7 +124,10 @@ class EnsembleClassifier:
         self.members, self.calibration = members, calibration
         self.classes, self.preprocessing, self.encoding = list(first.classes), first.preprocessing, first.encoding
         names = sorted({member.meta["model_name"] for member in members})
-        self.meta = {"kind": KIND, "model_name": f"ensemble of {len(members)} {', '.join(names)}",
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        weighed = "" if self.weights is None else ", weighted " + ", ".join(
+            f"{name} x{weight:.2f}" for name, weight in zip(self.classes, self.weights, strict=True) if weight != 1)
+        self.meta = {"kind": KIND, "model_name": f"ensemble of {len(members)} {', '.join(names)}{weighed}",
                      "classes": self.classes, "preprocessing": first.preprocessing.to_dict(),
                      "config": first.meta.get("config"), "metadata": first.meta.get("metadata"), **(meta or {})}
         self.temperature_source = calibration.source
@@ -130,7 +136,7 @@ class EnsembleClassifier:
 
     @classmethod
     def from_checkpoints(cls, checkpoints: list[Path], device: str = "cpu", calibration: Calibration = Calibration(),
-                         meta: dict | None = None) -> EnsembleClassifier:
+                         meta: dict | None = None, weights: np.ndarray | None = None) -> EnsembleClassifier:
         """The ``checkpoints`` under PyTorch, each with its own fitted temperature (refused without one)."""
         from lesionkit.serve.torch_classifier import TorchClassifier
 
@@ -139,15 +145,18 @@ class EnsembleClassifier:
             if member.calibration.temperature is None:
                 raise LesionkitError(f"ensemble member {checkpoint} has no fitted temperature, and the ensemble "
                                      f"averages calibrated probabilities; fit it with {refit_command(checkpoint)}")
-        return cls(members, calibration, meta)
+        return cls(members, calibration, meta, weights)
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> EnsembleClassifier:
         """The members of the manifest ``path``, with the ensemble's record that the manifest carries."""
         manifest, checkpoints = read_manifest(path)
+        weights = manifest.get("class_weights")
         ensemble = cls.from_checkpoints(checkpoints, device, Calibration.from_entry(manifest.get("calibration"),
                                                                                     str(path)),
-                                        {"members": manifest["members"], "manifest": str(path)})
+                                        {"members": manifest["members"], "manifest": str(path),
+                                         **({"class_weights": weights} if weights is not None else {})},
+                                        None if weights is None else class_weights(weights, manifest["classes"], path))
         if list(manifest["classes"]) != ensemble.classes:
             raise LesionkitError(f"{path} names classes {manifest['classes']}, its members predict "
                                  f"{ensemble.classes}")
@@ -163,7 +172,11 @@ class EnsembleClassifier:
         for logits, member in zip(member_logits, self.members, strict=True):
             scaled = np.asarray(logits, dtype=np.float64) / member.temperature
             logs.append(scaled - np.logaddexp.reduce(scaled, axis=-1, keepdims=True))
-        return (np.logaddexp.reduce(np.stack(logs), axis=0) - np.log(len(logs))).astype(np.float32)
+        mean = np.logaddexp.reduce(np.stack(logs), axis=0) - np.log(len(logs))
+        if self.weights is not None:
+            mean = mean + np.log(self.weights)
+            mean = mean - np.logaddexp.reduce(mean, axis=-1, keepdims=True)
+        return mean.astype(np.float32)
 
     def logits(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> np.ndarray:
         return self.combine([member.logits(batch, metadata) for member in self.members])
@@ -177,6 +190,17 @@ class EnsembleClassifier:
 
     def head_logits(self, features: np.ndarray, metadata: np.ndarray | None = None) -> None:
         return None  # the features are the first member's; the others' heads need their own
+
+
+def class_weights(weights, classes: list[str], path: Path) -> np.ndarray:
+    """The manifest ``path``'s ``class_weights`` (class name: weight) as one positive weight per class, in
+    ``classes``' order; a class left out weighs 1."""
+    if not isinstance(weights, dict) or set(weights) - set(classes) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0
+            for w in weights.values()):
+        raise LesionkitError(f"{path}: class_weights {weights!r} must give positive numbers for classes among "
+                             f"{', '.join(classes)}, as `lesionkit ensemble --favour-melanoma` writes them")
+    return np.array([float(weights.get(name, 1.0)) for name in classes])
 
 
 def reads(encoding) -> str:

@@ -95,13 +95,15 @@ class WithFeatures(torch.nn.Module):
 class Averaged(torch.nn.Module):
     """An ensemble's networks as one: ``forward`` gives the log of the members' mean probability, each member's
     at its own temperature (:meth:`lesionkit.serve.ensemble.EnsembleClassifier.combine`, in torch), as a timm
-    network gives its logits; the file also serves the first member's pooled features, which the ensemble's
-    out-of-distribution detector reads."""
+    network gives its logits, weighed by the ensemble's class weights where it has them; the file also serves the
+    first member's pooled features, which the ensemble's out-of-distribution detector reads."""
 
-    def __init__(self, members: list[torch.nn.Module], temperatures: list[float]):
+    def __init__(self, members: list[torch.nn.Module], temperatures: list[float], weights=None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+        self.register_buffer("log_weights", None if weights is None else torch.log(torch.tensor(
+            weights, dtype=torch.float32)))
 
     def forward(self, x: torch.Tensor, *metadata: torch.Tensor) -> torch.Tensor:
         return self.logits_and_features(x, *metadata)[0]
@@ -111,7 +113,10 @@ class Averaged(torch.nn.Module):
         rest = (WithFeatures(member)(x, *metadata)[0] for member in self.members[1:])
         every = torch.stack([logits, *rest])  # (members, n, classes)
         logs = torch.log_softmax(every.float() / self.temperatures[:, None, None], dim=-1)
-        return torch.logsumexp(logs, dim=0) - math.log(len(self.members)), features
+        mean = torch.logsumexp(logs, dim=0) - math.log(len(self.members))
+        if self.log_weights is not None:
+            mean = torch.log_softmax(mean + self.log_weights, dim=-1)
+        return mean, features
 
 
 def network(classifier) -> torch.nn.Module:
@@ -119,7 +124,7 @@ def network(classifier) -> torch.nn.Module:
     :class:`lesionkit.serve.ensemble.EnsembleClassifier`'s members as :class:`Averaged`."""
     if isinstance(classifier, EnsembleClassifier):
         return Averaged([network(member) for member in classifier.members],
-                        [member.temperature for member in classifier.members]).eval()
+                        [member.temperature for member in classifier.members], classifier.weights).eval()
     return classifier.model
 
 
@@ -127,7 +132,7 @@ def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = Fa
     """Write the network of ``classifier`` (a :class:`lesionkit.serve.torch_classifier.TorchClassifier` of
     ``checkpoint``, or an ensemble of them in one graph) to ``out``, carrying its classes, preprocessing and
     calibration record (temperature too, on its own, for readers from before the record)."""
-    ensemble = {key: classifier.meta[key] for key in ("kind", "members") if key in classifier.meta}
+    ensemble = {key: classifier.meta[key] for key in ("kind", "members", "class_weights") if key in classifier.meta}
     meta = checkpoint_meta(classifier.meta["model_name"], classifier.preprocessing, classifier.classes,
                            temperature=float(classifier.temperature), checkpoint=str(checkpoint),
                            calibration=classifier.calibration.to_entry(), metadata=classifier.meta.get("metadata"),

@@ -33,7 +33,7 @@ from lesionkit.config import Config, load_config, save_config
 from lesionkit.data.metadata import limit_per_class
 from lesionkit.data.split import check_folds, make_folds, read_split, save_split
 from lesionkit.evaluate.crossval import CV_NAME, OOF_NAME, cv_estimate, fold_folder, oof_arrays, out_of_fold
-from lesionkit.evaluate.decisions import fit_ensemble_calibration
+from lesionkit.evaluate.decisions import fit_ensemble_calibration, melanoma_weight, on_melanoma, weigh
 from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.files import atomic_write_csv, atomic_write_text
 from lesionkit.serve.ensemble import MANIFEST_NAME, EnsembleClassifier, read_manifest, write_manifest
@@ -154,7 +154,8 @@ def summarise(config: Config, out: Path, splits: list[pd.DataFrame], frame: pd.D
     check_folds(splits)  # no lesion in two folds' validation parts, one test part for all
     folds = len(splits)
     checkpoints = [fold_folder(out, n) / "checkpoints" / "best.ckpt" for n in range(1, folds + 1)]
-    cv, manifest = write_ensemble(out, out_of_fold(out, splits), checkpoints,
+    ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
+    cv, manifest = write_ensemble(out, out_of_fold(out, splits), ensemble, checkpoints,
                                   f"out-of-fold predictions of {out.name}'s {folds} folds",
                                   {"validation_lesions_disjoint": True,
                                    "test_images": int((splits[0]["split"] == "test").sum())}, folds=folds)
@@ -174,13 +175,22 @@ def summarise(config: Config, out: Path, splits: list[pd.DataFrame], frame: pd.D
     return cv
 
 
-def write_ensemble(out: Path, oof: pd.DataFrame, checkpoints: list[Path], title: str, about: dict,
-                   **manifest_extra) -> tuple[dict, Path]:
+def write_ensemble(out: Path, oof: pd.DataFrame, ensemble: EnsembleClassifier, checkpoints: list[Path], title: str,
+                   about: dict, favour_melanoma: float | None = None, **manifest_extra) -> tuple[dict, Path]:
     """Write ``oof`` (the out-of-fold predictions), its estimate (``cv.json``, with ``about``) and the manifest of
-    ``checkpoints`` as one ensemble, whose calibration record is fitted on ``oof`` (called ``title``). Returns the
-    estimate and the manifest's path."""
+    ``checkpoints`` (loaded as ``ensemble``) as one ensemble, whose calibration record is fitted on ``oof`` (called
+    ``title``). With
+    ``favour_melanoma`` (a sensitivity), the ensemble weighs p(mel) as :func:`favoured` fits it, and ``oof`` is
+    written as that weight gives it on images it was not fitted on. Returns the estimate and the manifest's
+    path."""
     classes = list(CLASSES)
-    ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
+    if favour_melanoma is not None:
+        oof, weight, per_fold = favoured(oof, favour_melanoma)
+        manifest_extra["class_weights"] = dict(zip(classes, map(float, on_melanoma(classes, weight)), strict=True))
+        about = {**about, "favour_melanoma": {
+            "sensitivity": favour_melanoma, "weight": weight, "per_fold": per_fold,
+            "estimate": "each fold's probabilities weighted by the weight fitted on the other folds"}}
+        title += f", p(mel) weighted {weight:.2f}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(oof, out / OOF_NAME, "out-of-fold predictions", index=False, float_format="%.6f")
     cv = {**cv_estimate(oof, classes), **about}
@@ -192,15 +202,38 @@ def write_ensemble(out: Path, oof: pd.DataFrame, checkpoints: list[Path], title:
     return cv, manifest
 
 
-def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
+def favoured(oof: pd.DataFrame, sensitivity: float) -> tuple[pd.DataFrame, float, list[float]]:
+    """The weight on p(mel) that the ensemble serves to find ``sensitivity`` of the melanomas at its argmax: the
+    smallest that does so on all of ``oof`` (:func:`lesionkit.evaluate.decisions.melanoma_weight`). Also ``oof``
+    as that weight gives it on unseen lesions, each fold's probabilities weighted by the weight fitted on the other
+    folds, and those weights."""
+    classes = list(CLASSES)
+    labels, probabilities = oof_arrays(oof, classes)
+    if not (labels == classes.index("mel")).any():
+        raise LesionkitError("--favour-melanoma fits a weight on the out-of-fold melanomas, and these predictions "
+                             "hold none: train on data with melanomas")
+    folds, weighted, per_fold = oof["fold"].to_numpy(), probabilities.copy(), []
+    for fold in np.unique(folds):
+        here = folds == fold
+        per_fold.append(melanoma_weight(probabilities[~here], labels[~here], classes, sensitivity))
+        weighted[here] = weigh(probabilities[here], on_melanoma(classes, per_fold[-1]))
+    columns = [f"p_{c}" for c in classes]
+    oof = oof.assign(prediction=[classes[i] for i in weighted.argmax(axis=1)], **dict(zip(columns, weighted.T,
+                                                                                            strict=True)))
+    return oof, melanoma_weight(probabilities, labels, classes, sensitivity), per_fold
+
+
+def combine(runs: list[Path], out: Path, favour_melanoma: float | None = None) -> tuple[dict, Path]:
     """The members of several finished cross-validations that cut the same folds (the same data, ``split.seed``,
     ``split.test_fraction`` and K; other training seeds or recipes) as one ensemble in ``out``: each non-test
     image's out-of-fold probabilities are the mean of those of every run's model that did not train on it, which
-    is what the ensemble would give it with the members that saw it left out. Writes ``oof.csv``, ``cv.json`` and
+    is what the ensemble would give it with the members that saw it left out. With ``favour_melanoma``, one run
+    is enough: the ensemble then weighs p(mel) (:func:`favoured`). Writes ``oof.csv``, ``cv.json`` and
     ``ensemble.json`` (members named relative to ``out``); reads no test image."""
     runs = [Path(run) for run in runs]
-    if len(runs) < 2:
-        raise LesionkitError("give two or more `lesionkit train --folds K` run folders to combine")
+    if len(runs) < 2 and favour_melanoma is None:
+        raise LesionkitError("give two or more `lesionkit train --folds K` run folders to combine, or one with "
+                             "--favour-melanoma S to weigh its ensemble's p(mel)")
     if len({run.resolve() for run in runs}) < len(runs):
         raise LesionkitError(f"{' '.join(map(str, runs))}: a run is named twice; give each run once")
     if any(out.resolve() == run.resolve() for run in runs) or (out / FOLDS_NAME).exists() or (
@@ -232,18 +265,21 @@ def combine(runs: list[Path], out: Path) -> tuple[dict, Path]:
     oof = oof[["image_id", "lesion_id", "dx", "fold", "prediction", *columns]]  # as out_of_fold writes it
     named = [os.path.relpath(run.resolve(), out.resolve()) for run in runs]
     parts = reference[0]
-    about = {"runs": named, "estimate": f"pooled out-of-fold predictions: each non-test image scored by the mean "
-                                        f"of the {len(runs)} runs' fold models that did not train on it",
+    scored_by = f"the mean of the {len(runs)} runs' fold models" if len(runs) > 1 else "the fold model"
+    about = {"runs": named, "estimate": f"pooled out-of-fold predictions: each non-test image scored by "
+                                        f"{scored_by} that did not train on it",
              "validation_lesions_disjoint": True, "test_images": int((parts["split"] == "test").sum())}
     try:
-        return write_ensemble(out, oof, checkpoints, f"out-of-fold predictions of {', '.join(named)} ({folds[0]} "
-                                                     f"folds each, averaged)", about, folds=folds[0], runs=named)
+        ensemble = EnsembleClassifier.from_checkpoints(checkpoints)  # refuses members unlike or uncalibrated
     except LesionkitError as err:  # an unlike member, numbered in the combined list: say whose it is
         first_member = np.cumsum([1, *map(len, members[:-1])])
         owners = ", ".join(f"{start}-{start + len(each) - 1} are {run}'s"
                            for start, each, run in zip(first_member, members, runs, strict=True))
         raise LesionkitError(f"{err} (members {owners}); runs combine when their members share the image size, "
                              f"preprocessing and clinical fields") from None
+    return write_ensemble(out, oof, ensemble, checkpoints, f"out-of-fold predictions of {', '.join(named)} "
+                          f"({folds[0]} folds each{', averaged' if len(runs) > 1 else ''})", about, favour_melanoma,
+                          folds=folds[0], runs=named)
 
 
 def finished_folds(run: Path) -> int:
