@@ -86,7 +86,11 @@ def test_class_weights_shift_the_mean_under_pytorch_and_in_the_export(ensemble, 
     assert np.allclose(probabilities(exported, x), expected, atol=1e-5)
     assert exported.meta["class_weights"] == {"mel": 3.0, "df": 0.5}
 
-    for bad in ({"melanoma": 2.0}, {"mel": 0}, {"mel": "2"}, [2.0]):
+    path.write_text(json.dumps({**written, "class_weights": {"mel": 1.0}}))
+    assert load_torch_classifier(path).meta["model_name"] == "ensemble of 2 test_efficientnet"
+
+    for bad in ({"melanoma": 2.0}, {"mel": 0}, {"mel": "2"}, {"mel": True}, {"mel": float("nan")}, {"mel": 10 ** 400},
+                [2.0]):
         path.write_text(json.dumps({**written, "class_weights": bad}))
         with pytest.raises(LesionkitError, match=re.escape(str(path)) + ": class_weights .* must give positive "
                                                  "numbers for classes among akiec, bcc"):

@@ -320,7 +320,7 @@ def test_favouring_melanoma_weighs_p_mel_as_fitted_out_of_fold(folds_run, tmp_pa
     weight = json.loads((out / "ensemble.json").read_text())["class_weights"]
     assert weight == {c: (smallest(np.ones(len(plain), dtype=bool)) if c == "mel" else 1.0) for c in CLASSES}
     assert weight["mel"] > 1, "the tiny models miss melanomas at the plain argmax"
-    # oof.csv: each fold's probabilities weighed by the weight fitted on the other fold.
+    # oof.csv: each fold's probabilities weighted by the weight fitted on the other fold.
     favoured = pd.read_csv(out / "oof.csv").set_index("image_id").loc[plain.index]
     cv = json.loads((out / "cv.json").read_text())
     for n, fitted in zip((1, 2), cv["favour_melanoma"]["per_fold"], strict=True):
@@ -332,7 +332,7 @@ def test_favouring_melanoma_weighs_p_mel_as_fitted_out_of_fold(folds_run, tmp_pa
         (favoured[columns].to_numpy().argmax(axis=1)[labels == mel] == mel).mean())
     assert f"p(mel) weighted {weight['mel']:.2f}" in printed and "Ensemble of 2 members from 1 run," in printed
 
-    # Served: the plain ensemble's probabilities, p(mel) weighed and renormalised.
+    # Served: the plain ensemble's probabilities, p(mel) weighted and renormalised.
     images = sorted(data.rglob("*.jpg"))[:3]
     answers = []
     for checkpoint in (run, out):
@@ -342,10 +342,51 @@ def test_favouring_melanoma_weighs_p_mel_as_fitted_out_of_fold(folds_run, tmp_pa
     shifted = answers[0] * np.where(np.arange(7) == mel, weight["mel"], 1.0)
     assert np.allclose(answers[1], shifted / shifted.sum(axis=1, keepdims=True), atol=1e-5)
 
+    # Its export serves the weight; written again for another sensitivity, the manifest no longer matches it.
+    assert main(["export", "--checkpoint", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--backend", "onnx", "--checkpoint", str(out), "--format", "json", *map(str, images)]) == 0
+    served = np.array([[a["probabilities"][c] for c in CLASSES] for a in json.loads(capsys.readouterr().out)])
+    assert np.allclose(served, answers[1], atol=1e-5)
+    assert main(["ensemble", str(run), "--out", str(out), "--favour-melanoma", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--backend", "onnx", "--checkpoint", str(out), str(images[0])]) == 1
+    assert (f"{out / 'ensemble.onnx'} was exported from another ensemble.json than {out / 'ensemble.json'} holds now"
+            in capsys.readouterr().err)
+
+    # A manifest whose members are gone names the command that writes it again, the weight's target included.
+    moved = tmp_path / "moved" / "deeper"  # the members' relative paths lead nowhere from here
+    moved.mkdir(parents=True)
+    (moved / "ensemble.json").write_text((out / "ensemble.json").read_text())
+    assert main(["predict", "--checkpoint", str(moved), str(images[0])]) == 1
+    assert f"--out {moved} --favour-melanoma 0.5`" in capsys.readouterr().err
+
     for bad in ("0", "1", "1.5"):
         assert main(["ensemble", str(run), "--out", str(tmp_path / "bad"), "--favour-melanoma", bad]) == 1
         assert f"--favour-melanoma {bad}: must be between 0 and 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_melanoma_weight_needs_melanomas_in_two_folds_and_says_when_it_falls_short():
+    from lesionkit import LesionkitError
+    from lesionkit.train.folds import fit_melanoma_weight
+
+    rng, mel = np.random.default_rng(0), CLASSES.index("mel")
+    labels = np.repeat([mel, CLASSES.index("nv")], 20)
+    probabilities = rng.dirichlet(np.ones(len(CLASSES)), len(labels))
+    probabilities[:, CLASSES.index("nv")] += 3.0 * (labels != mel)  # the naevi are sure
+    probabilities[:, mel] += 0.2 * (labels == mel)  # a large enough weight finds a melanoma...
+    probabilities[:5, mel] = 0.0  # ...but for five
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    oof = pd.DataFrame(probabilities, columns=[f"p_{c}" for c in CLASSES]).assign(
+        dx=[CLASSES[i] for i in labels], fold=1 + np.arange(len(labels)) % 2)
+    short = fit_melanoma_weight(oof, 0.95)
+    assert short.found == pytest.approx(0.75) and short.weight == pytest.approx(np.exp(3.0))
+    reached = fit_melanoma_weight(oof, 0.7)
+    assert reached.found >= 0.7 and reached.weight < np.exp(3.0)
+    oof.loc[(oof["dx"] == "mel") & (oof["fold"] == 2), "dx"] = "nv"
+    with pytest.raises(LesionkitError, match="the folds other than fold 1 hold no melanoma"):
+        fit_melanoma_weight(oof, 0.7)
 
 
 def test_runs_that_cut_other_folds_or_have_not_finished_are_refused(folds_run, second_run, tmp_path, capsys):

@@ -7,6 +7,7 @@ With ``--backend onnx`` nothing of PyTorch is imported: onnxruntime, NumPy and P
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from lesionkit.serve.clinical_flags import add_clinical_arguments, metadata_sour
 from lesionkit.evaluate.record import refit_command
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
 from lesionkit.serve.answer import check_coverage, missing_parts
-from lesionkit.serve.ensemble import load_torch_classifier
+from lesionkit.serve.ensemble import load_torch_classifier, manifest_for
 from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
 from lesionkit.serve.predict import Output, collect_images, predict_paths
 
@@ -47,6 +48,16 @@ def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: boo
     if (backend or ("onnx" if checkpoint.suffix == ".onnx" else "torch")) == "torch":
         return load_torch_classifier(checkpoint, device)  # torch and timm are imported only then
     classifier = OnnxClassifier(onnx_path_for(checkpoint))
+    manifest = manifest_for(checkpoint)
+    if manifest is not None and manifest.is_file():  # the export serves without the members' checkpoints
+        try:
+            written = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LesionkitError(f"{manifest} is not an ensemble manifest (not JSON: {err})") from None
+        if any(classifier.meta.get(key) != written.get(key) for key in ("members", "class_weights")):
+            raise LesionkitError(f"{onnx_path_for(checkpoint)} was exported from another {manifest.name} than "
+                                 f"{manifest} holds now (other members or class weights): export it again with "
+                                 f"`lesionkit export --checkpoint {manifest}`")
     height, width = classifier.preprocessing.height, classifier.preprocessing.width
     if tta and height != width and not classifier.meta.get("turned"):
         raise LesionkitError(f"--tta turns images by 90 degrees, from {height}x{width} to {width}x{height}, and "

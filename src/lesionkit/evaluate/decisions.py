@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lesionkit import LesionkitError
 from lesionkit.evaluate.calibration import fit_temperature, nll
 from lesionkit.evaluate.conformal import aps_scores, coverage_report
 from lesionkit.evaluate.metrics import melanoma_referral
@@ -64,12 +65,19 @@ def on_melanoma(classes: list[str], weight: float) -> np.ndarray:
     return np.where(np.array(classes) == "mel", weight, 1.0)
 
 
+def melanomas_found(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], weight: float) -> float:
+    """The share of the melanomas among ``labels`` that the argmax finds with p(mel) weighted by ``weight``."""
+    mel = classes.index("mel")
+    return float((weigh(probabilities[labels == mel], on_melanoma(classes, weight)).argmax(axis=1) == mel).mean())
+
+
 def melanoma_weight(probabilities: np.ndarray, labels: np.ndarray, classes: list[str], target: float) -> float:
     """The smallest weight of :data:`MELANOMA_WEIGHTS` on p(mel) whose argmax finds ``target`` of the melanomas
-    among ``labels`` (the largest where none does)."""
-    melanomas = probabilities[labels == classes.index("mel")]
+    among ``labels`` (the largest where none does: check with :func:`melanomas_found`)."""
+    if not (labels == classes.index("mel")).any():
+        raise LesionkitError("a weight on p(mel) is fitted on melanomas, and these labels hold none")
     for weight in MELANOMA_WEIGHTS:
-        if (weigh(melanomas, on_melanoma(classes, weight)).argmax(axis=1) == classes.index("mel")).mean() >= target:
+        if melanomas_found(probabilities, labels, classes, weight) >= target:
             return float(weight)
     return float(MELANOMA_WEIGHTS[-1])
 

@@ -16,6 +16,7 @@ NumPy and the standard library at import: ``predict --backend onnx`` imports thi
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -76,8 +77,9 @@ def read_manifest(path: Path) -> tuple[dict, list[Path]]:
                              f"one with `lesionkit train --folds K`")
     folder = Path(path).parent
     # What writes this manifest again: a combination of runs, or one cross-validation.
-    again = (f"lesionkit ensemble {' '.join(os.path.normpath(folder / run) for run in manifest['runs'])} --out {folder}"
-             if manifest.get("runs") else f"lesionkit train --folds K --out {folder} --resume")
+    favour = f" --favour-melanoma {manifest['favour_melanoma']}" if manifest.get("favour_melanoma") else ""
+    again = (f"lesionkit ensemble {' '.join(os.path.normpath(folder / run) for run in manifest['runs'])} --out "
+             f"{folder}{favour}" if manifest.get("runs") else f"lesionkit train --folds K --out {folder} --resume")
     members = []
     for member in manifest["members"]:
         checkpoint = Path(os.path.normpath(folder / member["checkpoint"]))  # ../ where runs were combined
@@ -125,9 +127,13 @@ class EnsembleClassifier:
         self.classes, self.preprocessing, self.encoding = list(first.classes), first.preprocessing, first.encoding
         names = sorted({member.meta["model_name"] for member in members})
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
-        weighed = "" if self.weights is None else ", weighted " + ", ".join(
-            f"{name} x{weight:.2f}" for name, weight in zip(self.classes, self.weights, strict=True) if weight != 1)
-        self.meta = {"kind": KIND, "model_name": f"ensemble of {len(members)} {', '.join(names)}{weighed}",
+        if self.weights is not None and len(self.weights) != len(self.classes):
+            raise LesionkitError(f"class weights for {len(self.weights)} classes, and the members predict "
+                                 f"{len(self.classes)}: write the manifest again with `lesionkit ensemble`")
+        shifted = [] if self.weights is None else [f"{name} x{weight:.2f}" for name, weight in zip(
+            self.classes, self.weights, strict=True) if weight != 1]
+        weighted = f", weighted {', '.join(shifted)}" if shifted else ""
+        self.meta = {"kind": KIND, "model_name": f"ensemble of {len(members)} {', '.join(names)}{weighted}",
                      "classes": self.classes, "preprocessing": first.preprocessing.to_dict(),
                      "config": first.meta.get("config"), "metadata": first.meta.get("metadata"), **(meta or {})}
         self.temperature_source = calibration.source
@@ -156,7 +162,8 @@ class EnsembleClassifier:
                                                                                     str(path)),
                                         {"members": manifest["members"], "manifest": str(path),
                                          **({"class_weights": weights} if weights is not None else {})},
-                                        None if weights is None else class_weights(weights, manifest["classes"], path))
+                                        None if weights is None else parse_class_weights(weights, manifest["classes"],
+                                                                                         path))
         if list(manifest["classes"]) != ensemble.classes:
             raise LesionkitError(f"{path} names classes {manifest['classes']}, its members predict "
                                  f"{ensemble.classes}")
@@ -192,12 +199,18 @@ class EnsembleClassifier:
         return None  # the features are the first member's; the others' heads need their own
 
 
-def class_weights(weights, classes: list[str], path: Path) -> np.ndarray:
+def parse_class_weights(weights, classes: list[str], path: Path) -> np.ndarray:
     """The manifest ``path``'s ``class_weights`` (class name: weight) as one positive weight per class, in
-    ``classes``' order; a class left out weighs 1."""
-    if not isinstance(weights, dict) or set(weights) - set(classes) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w > 0
-            for w in weights.values()):
+    ``classes``' order; a class left out has weight 1."""
+    def positive(weight) -> bool:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(weight)) and weight > 0
+        except OverflowError:  # an integer too large for a float
+            return False
+
+    if not isinstance(weights, dict) or set(weights) - set(classes) or not all(map(positive, weights.values())):
         raise LesionkitError(f"{path}: class_weights {weights!r} must give positive numbers for classes among "
                              f"{', '.join(classes)}, as `lesionkit ensemble --favour-melanoma` writes them")
     return np.array([float(weights.get(name, 1.0)) for name in classes])

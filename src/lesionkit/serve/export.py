@@ -95,7 +95,7 @@ class WithFeatures(torch.nn.Module):
 class Averaged(torch.nn.Module):
     """An ensemble's networks as one: ``forward`` gives the log of the members' mean probability, each member's
     at its own temperature (:meth:`lesionkit.serve.ensemble.EnsembleClassifier.combine`, in torch), as a timm
-    network gives its logits, weighed by the ensemble's class weights where it has them; the file also serves the
+    network gives its logits, weighted by the ensemble's class weights where it has them; the file also serves the
     first member's pooled features, which the ensemble's out-of-distribution detector reads."""
 
     def __init__(self, members: list[torch.nn.Module], temperatures: list[float], weights=None):

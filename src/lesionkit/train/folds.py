@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,8 @@ from lesionkit.config import Config, load_config, save_config
 from lesionkit.data.metadata import limit_per_class
 from lesionkit.data.split import check_folds, make_folds, read_split, save_split
 from lesionkit.evaluate.crossval import CV_NAME, OOF_NAME, cv_estimate, fold_folder, oof_arrays, out_of_fold
-from lesionkit.evaluate.decisions import fit_ensemble_calibration, melanoma_weight, on_melanoma, weigh
+from lesionkit.evaluate.decisions import (fit_ensemble_calibration, melanoma_weight, melanomas_found, on_melanoma,
+                                         weigh)
 from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.files import atomic_write_csv, atomic_write_text
 from lesionkit.serve.ensemble import MANIFEST_NAME, EnsembleClassifier, read_manifest, write_manifest
@@ -179,48 +181,69 @@ def write_ensemble(out: Path, oof: pd.DataFrame, ensemble: EnsembleClassifier, c
                    about: dict, favour_melanoma: float | None = None, **manifest_extra) -> tuple[dict, Path]:
     """Write ``oof`` (the out-of-fold predictions), its estimate (``cv.json``, with ``about``) and the manifest of
     ``checkpoints`` (loaded as ``ensemble``) as one ensemble, whose calibration record is fitted on ``oof`` (called
-    ``title``). With
-    ``favour_melanoma`` (a sensitivity), the ensemble weighs p(mel) as :func:`favoured` fits it, and ``oof`` is
-    written as that weight gives it on images it was not fitted on. Returns the estimate and the manifest's
-    path."""
+    ``title``). With ``favour_melanoma`` (a sensitivity), the ensemble weights p(mel) as
+    :func:`fit_melanoma_weight` fits it: ``oof.csv`` and ``cv.json`` then say what the weight gives on lesions it
+    was not fitted on, and the record is fitted on ``oof`` as the ensemble serves it, under the one weight. Returns
+    the estimate and the manifest's path."""
     classes = list(CLASSES)
+    labels, probabilities = oof_arrays(oof, classes)
     if favour_melanoma is not None:
-        oof, weight, per_fold = favoured(oof, favour_melanoma)
-        manifest_extra["class_weights"] = dict(zip(classes, map(float, on_melanoma(classes, weight)), strict=True))
+        fitted = fit_melanoma_weight(oof, favour_melanoma)
+        weights = on_melanoma(classes, fitted.weight)
+        probabilities, oof = weigh(probabilities, weights), fitted.oof
+        manifest_extra.update(class_weights=dict(zip(classes, map(float, weights), strict=True)),
+                              favour_melanoma=favour_melanoma)
         about = {**about, "favour_melanoma": {
-            "sensitivity": favour_melanoma, "weight": weight, "per_fold": per_fold,
+            "sensitivity": favour_melanoma, "weight": fitted.weight, "found": fitted.found,
+            "per_fold": fitted.per_fold,
             "estimate": "each fold's probabilities weighted by the weight fitted on the other folds"}}
-        title += f", p(mel) weighted {weight:.2f}"
+        title += f", p(mel) weighted {fitted.weight:.2f}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(oof, out / OOF_NAME, "out-of-fold predictions", index=False, float_format="%.6f")
     cv = {**cv_estimate(oof, classes), **about}
     atomic_write_text(out / CV_NAME, json.dumps(cv, indent=2) + "\n", "cross-validation estimate")
-    labels, probabilities = oof_arrays(oof, classes)
     calibration = fit_ensemble_calibration(probabilities, labels, classes, ensemble.members[0].calibration, title)
     manifest = write_manifest(out / MANIFEST_NAME, checkpoints, classes, ensemble.preprocessing, calibration,
                               cv=CV_NAME, oof=OOF_NAME, **manifest_extra)
     return cv, manifest
 
 
-def favoured(oof: pd.DataFrame, sensitivity: float) -> tuple[pd.DataFrame, float, list[float]]:
-    """The weight on p(mel) that the ensemble serves to find ``sensitivity`` of the melanomas at its argmax: the
-    smallest that does so on all of ``oof`` (:func:`lesionkit.evaluate.decisions.melanoma_weight`). Also ``oof``
-    as that weight gives it on unseen lesions, each fold's probabilities weighted by the weight fitted on the other
-    folds, and those weights."""
+class MelanomaWeight(NamedTuple):
+    weight: float
+    """What the ensemble serves: the smallest weight on p(mel) that reaches the sensitivity on all the folds."""
+    found: float
+    """The share of the out-of-fold melanomas that ``weight`` finds (under the sensitivity asked for only where
+    even the largest weight tried falls short)."""
+    per_fold: list[float]
+    """Each fold's weight, fitted on the other folds."""
+    oof: pd.DataFrame
+    """The out-of-fold predictions, each fold's weighted by its weight: what the weight gives on unseen lesions."""
+
+
+def check_sensitivity(sensitivity: float) -> None:
+    if not 0 < sensitivity < 1:
+        raise LesionkitError(f"--favour-melanoma {sensitivity:g}: must be between 0 and 1 (exclusive), e.g. 0.75 to "
+                             f"find 75% of melanomas at the argmax")
+
+
+def fit_melanoma_weight(oof: pd.DataFrame, sensitivity: float) -> MelanomaWeight:
+    """The weight on p(mel) whose argmax finds ``sensitivity`` of the melanomas of ``oof``
+    (:func:`lesionkit.evaluate.decisions.melanoma_weight`), and the same fit cross-fitted over the folds."""
+    check_sensitivity(sensitivity)
     classes = list(CLASSES)
     labels, probabilities = oof_arrays(oof, classes)
-    if not (labels == classes.index("mel")).any():
-        raise LesionkitError("--favour-melanoma fits a weight on the out-of-fold melanomas, and these predictions "
-                             "hold none: train on data with melanomas")
     folds, weighted, per_fold = oof["fold"].to_numpy(), probabilities.copy(), []
     for fold in np.unique(folds):
         here = folds == fold
+        if not (labels[~here] == classes.index("mel")).any():
+            raise LesionkitError(f"--favour-melanoma: the folds other than fold {fold} hold no melanoma to fit fold "
+                                 f"{fold}'s weight on; it needs melanomas in at least two folds")
         per_fold.append(melanoma_weight(probabilities[~here], labels[~here], classes, sensitivity))
         weighted[here] = weigh(probabilities[here], on_melanoma(classes, per_fold[-1]))
     columns = [f"p_{c}" for c in classes]
-    oof = oof.assign(prediction=[classes[i] for i in weighted.argmax(axis=1)], **dict(zip(columns, weighted.T,
-                                                                                            strict=True)))
-    return oof, melanoma_weight(probabilities, labels, classes, sensitivity), per_fold
+    weight = melanoma_weight(probabilities, labels, classes, sensitivity)
+    return MelanomaWeight(weight, melanomas_found(probabilities, labels, classes, weight), per_fold, oof.assign(
+        prediction=[classes[i] for i in weighted.argmax(axis=1)], **dict(zip(columns, weighted.T, strict=True))))
 
 
 def combine(runs: list[Path], out: Path, favour_melanoma: float | None = None) -> tuple[dict, Path]:
@@ -228,9 +251,11 @@ def combine(runs: list[Path], out: Path, favour_melanoma: float | None = None) -
     ``split.test_fraction`` and K; other training seeds or recipes) as one ensemble in ``out``: each non-test
     image's out-of-fold probabilities are the mean of those of every run's model that did not train on it, which
     is what the ensemble would give it with the members that saw it left out. With ``favour_melanoma``, one run
-    is enough: the ensemble then weighs p(mel) (:func:`favoured`). Writes ``oof.csv``, ``cv.json`` and
+    is enough: the ensemble then weights p(mel) (:func:`fit_melanoma_weight`). Writes ``oof.csv``, ``cv.json`` and
     ``ensemble.json`` (members named relative to ``out``); reads no test image."""
     runs = [Path(run) for run in runs]
+    if favour_melanoma is not None:
+        check_sensitivity(favour_melanoma)
     if len(runs) < 2 and favour_melanoma is None:
         raise LesionkitError("give two or more `lesionkit train --folds K` run folders to combine, or one with "
                              "--favour-melanoma S to weigh its ensemble's p(mel)")
