@@ -267,6 +267,11 @@ CASES = {
     "ONNX backend before any export": (lambda w: predict(w, "ham") + ["--backend", "onnx"], 1,
                                        [r"ONNX file {w}/model\.onnx does not exist: write it with `lesionkit export "
                                         r"--checkpoint {w}/model\.ckpt`"]),
+    "ONNX export older than its checkpoint": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0
+                                               and put(w / "model.ckpt", (w / "model.ckpt").read_bytes() + b"!")
+                                               or predict(w, "ham") + ["--backend", "onnx"], 1,
+        [r"{w}/model\.onnx was exported from another model\.ckpt than {w}/model\.ckpt holds now \(retrained or "
+         r"replaced\): export it again with `lesionkit export --checkpoint {w}/model\.ckpt`"]),
     "TTA on a non-square ONNX export": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0 and [
         "predict", "--tta", "--checkpoint", str(w / "model.onnx"), str(w / "ham")], 1,
         [r"--tta turns images by 90 degrees, from 48x64 to 64x48, and this export serves 48x64 only: export it with "

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lesionkit import LesionkitError
+from lesionkit.files import file_hash
 from lesionkit.serve.clinical_flags import add_clinical_arguments, metadata_source
 from lesionkit.evaluate.record import refit_command
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
@@ -48,22 +49,34 @@ def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: boo
     if (backend or ("onnx" if checkpoint.suffix == ".onnx" else "torch")) == "torch":
         return load_torch_classifier(checkpoint, device)  # torch and timm are imported only then
     classifier = OnnxClassifier(onnx_path_for(checkpoint))
-    manifest = manifest_for(checkpoint)
-    if manifest is not None and manifest.is_file():  # the export serves without the members' checkpoints
-        try:
-            written = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LesionkitError(f"{manifest} is not an ensemble manifest (not JSON: {err})") from None
-        if any(classifier.meta.get(key) != written.get(key) for key in ("members", "class_weights")):
-            raise LesionkitError(f"{onnx_path_for(checkpoint)} was exported from another {manifest.name} than "
-                                 f"{manifest} holds now (other members or class weights): export it again with "
-                                 f"`lesionkit export --checkpoint {manifest}`")
+    check_current(classifier, checkpoint)
     height, width = classifier.preprocessing.height, classifier.preprocessing.width
     if tta and height != width and not classifier.meta.get("turned"):
         raise LesionkitError(f"--tta turns images by 90 degrees, from {height}x{width} to {width}x{height}, and "
                              f"this export serves {height}x{width} only: export it with `lesionkit export --tta`, "
                              f"or predict with PyTorch (--backend torch and the .ckpt)")
     return classifier
+
+
+def check_current(classifier: OnnxClassifier, checkpoint: Path) -> None:
+    """Refuse an export that the checkpoint or ensemble manifest it was written from no longer matches (retrained,
+    replaced or written again): onnxruntime would serve the old model without a word."""
+    export, manifest = onnx_path_for(checkpoint), manifest_for(checkpoint)
+    if manifest is not None and manifest.is_file():  # the export serves without the members' checkpoints
+        try:
+            written = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LesionkitError(f"{manifest} is not an ensemble manifest (not JSON: {err})") from None
+        if any(classifier.meta.get(key) != written.get(key) for key in ("members", "class_weights")):
+            raise LesionkitError(f"{export} was exported from another {manifest.name} than {manifest} holds now "
+                                 f"(other members or class weights): export it again with `lesionkit export "
+                                 f"--checkpoint {manifest}`")
+    recorded = classifier.meta.get("checkpoint_sha256")  # exports from before it carry none
+    if checkpoint.suffix == ".ckpt" and checkpoint.is_file() and recorded and recorded != file_hash(checkpoint,
+                                                                                                    "sha256"):
+        raise LesionkitError(f"{export} was exported from another {checkpoint.name} than {checkpoint} holds now "
+                             f"(retrained or replaced): export it again with `lesionkit export --checkpoint "
+                             f"{checkpoint}`")
 
 
 def run(args: argparse.Namespace) -> int:

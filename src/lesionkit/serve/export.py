@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lesionkit import LesionkitError, __version__
 from lesionkit.data.preprocessing import Preprocessing
-from lesionkit.files import atomic_write
+from lesionkit.files import atomic_write, file_hash
 from lesionkit.model.checkpoint import checkpoint_meta
 from lesionkit.model.network import MetadataHead
 from lesionkit.serve.ensemble import EnsembleClassifier
@@ -133,6 +133,8 @@ def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = Fa
     ``checkpoint``, or an ensemble of them in one graph) to ``out``, carrying its classes, preprocessing and
     calibration record (temperature too, on its own, for readers from before the record)."""
     ensemble = {key: classifier.meta[key] for key in ("kind", "members", "class_weights") if key in classifier.meta}
+    if not ensemble:  # what `predict --backend onnx` checks the checkpoint beside the export against
+        ensemble["checkpoint_sha256"] = file_hash(checkpoint, "sha256")
     meta = checkpoint_meta(classifier.meta["model_name"], classifier.preprocessing, classifier.classes,
                            temperature=float(classifier.temperature), checkpoint=str(checkpoint),
                            calibration=classifier.calibration.to_entry(), metadata=classifier.meta.get("metadata"),
