@@ -141,6 +141,14 @@ def put(path: Path, data: bytes | str, encoding: str = "utf-8") -> None:
     path.write_bytes(data if isinstance(data, bytes) else data.encode(encoding))
 
 
+def exported(w: Path) -> bool:
+    return main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def write_config(w: Path, text: str) -> str:
     (w / "bad.yaml").write_text(text)
     return str(w / "bad.yaml")
@@ -267,12 +275,26 @@ CASES = {
     "ONNX backend before any export": (lambda w: predict(w, "ham") + ["--backend", "onnx"], 1,
                                        [r"ONNX file {w}/model\.onnx does not exist: write it with `lesionkit export "
                                         r"--checkpoint {w}/model\.ckpt`"]),
-    "ONNX export older than its checkpoint": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0
+    "ONNX export older than its checkpoint": (lambda w: exported(w)
                                                and put(w / "model.ckpt", (w / "model.ckpt").read_bytes() + b"!")
                                                or predict(w, "ham") + ["--backend", "onnx"], 1,
         [r"{w}/model\.onnx was exported from another model\.ckpt than {w}/model\.ckpt holds now \(retrained or "
          r"replaced\): export it again with `lesionkit export --checkpoint {w}/model\.ckpt`"]),
-    "TTA on a non-square ONNX export": (lambda w: main(["export", "--checkpoint", str(w / "model.ckpt")]) == 0 and [
+    "ONNX export named directly, older than the checkpoint beside it": (lambda w: exported(w) and put(
+        w / "model.ckpt", (w / "model.ckpt").read_bytes() + b"!") or predict(w, "ham", "model.onnx"), 1,
+        [r"{w}/model\.onnx was exported from another model\.ckpt than {w}/model\.ckpt holds now \(retrained or "
+         r"replaced\): export it again with `lesionkit export --checkpoint {w}/model\.ckpt`"]),
+    "evaluating an ONNX export older than its checkpoint": (lambda w: exported(w) and put(
+        w / "model.ckpt", (w / "model.ckpt").read_bytes() + b"!") or [
+        "evaluate", "--checkpoint", str(w / "model.onnx"), "--data-dir", str(w / "ham")], 1,
+        [r"{w}/model\.onnx was exported from another model\.ckpt .*: export it again with `lesionkit export "
+         r"--checkpoint {w}/model\.ckpt`"]),
+    "ONNX export from before its checkpoint's record was fitted again": (lambda w: exported(w) and put(
+        w / "temperature.json", json.dumps({"model.ckpt": {"sha256": sha256(w / "model.ckpt"), "temperature": 1.5}}))
+        or predict(w, "ham") + ["--backend", "onnx"], 1,
+        [r"{w}/model\.onnx was exported from another model\.ckpt than {w}/model\.ckpt holds now \(its record "
+         r"fitted again since\): export it again with `lesionkit export --checkpoint {w}/model\.ckpt`"]),
+    "TTA on a non-square ONNX export": (lambda w: exported(w) and [
         "predict", "--tta", "--checkpoint", str(w / "model.onnx"), str(w / "ham")], 1,
         [r"--tta turns images by 90 degrees, from 48x64 to 64x48, and this export serves 48x64 only: export it with "
          r"`lesionkit export --tta`, or predict with PyTorch \(--backend torch and the \.ckpt\)"]),

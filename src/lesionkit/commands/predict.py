@@ -7,18 +7,16 @@ With ``--backend onnx`` nothing of PyTorch is imported: onnxruntime, NumPy and P
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from lesionkit import LesionkitError
-from lesionkit.files import file_hash
 from lesionkit.serve.clinical_flags import add_clinical_arguments, metadata_source
 from lesionkit.evaluate.record import refit_command
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
 from lesionkit.serve.answer import check_coverage, missing_parts
-from lesionkit.serve.ensemble import load_torch_classifier, manifest_for
-from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
+from lesionkit.serve.ensemble import load_torch_classifier
+from lesionkit.serve.onnx_classifier import OnnxClassifier, check_current, onnx_path_for
 from lesionkit.serve.predict import Output, collect_images, predict_paths
 
 
@@ -56,27 +54,6 @@ def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: boo
                              f"this export serves {height}x{width} only: export it with `lesionkit export --tta`, "
                              f"or predict with PyTorch (--backend torch and the .ckpt)")
     return classifier
-
-
-def check_current(classifier: OnnxClassifier, checkpoint: Path) -> None:
-    """Refuse an export that the checkpoint or ensemble manifest it was written from no longer matches (retrained,
-    replaced or written again): onnxruntime would serve the old model without a word."""
-    export, manifest = onnx_path_for(checkpoint), manifest_for(checkpoint)
-    if manifest is not None and manifest.is_file():  # the export serves without the members' checkpoints
-        try:
-            written = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LesionkitError(f"{manifest} is not an ensemble manifest (not JSON: {err})") from None
-        if any(classifier.meta.get(key) != written.get(key) for key in ("members", "class_weights")):
-            raise LesionkitError(f"{export} was exported from another {manifest.name} than {manifest} holds now "
-                                 f"(other members or class weights): export it again with `lesionkit export "
-                                 f"--checkpoint {manifest}`")
-    recorded = classifier.meta.get("checkpoint_sha256")  # exports from before it carry none
-    if checkpoint.suffix == ".ckpt" and checkpoint.is_file() and recorded and recorded != file_hash(checkpoint,
-                                                                                                    "sha256"):
-        raise LesionkitError(f"{export} was exported from another {checkpoint.name} than {checkpoint} holds now "
-                             f"(retrained or replaced): export it again with `lesionkit export --checkpoint "
-                             f"{checkpoint}`")
 
 
 def run(args: argparse.Namespace) -> int:

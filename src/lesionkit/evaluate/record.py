@@ -75,8 +75,9 @@ def save_calibration(checkpoint: Path, calibration: Calibration) -> Path:
     return path
 
 
-def load_calibration(checkpoint: Path) -> Calibration:
-    """The record fitted for exactly this checkpoint file; an empty one (and a warning when stale) otherwise."""
+def load_calibration(checkpoint: Path, digest: str | None = None) -> Calibration:
+    """The record fitted for exactly this checkpoint file (whose SHA-256 is ``digest``, where the caller has it);
+    an empty one (and a warning when stale) otherwise."""
     path = checkpoint.parent / FILE_NAME
     if not path.is_file():
         return Calibration()
@@ -87,7 +88,7 @@ def load_calibration(checkpoint: Path) -> Calibration:
         return Calibration()
     if entry is None:
         return Calibration()
-    if entry.get("sha256") != file_hash(checkpoint, "sha256"):
+    if entry.get("sha256") != (digest or file_hash(checkpoint, "sha256")):
         print(f"warning: {path} was fitted for an earlier {checkpoint.name}; probabilities are left uncalibrated. "
               f"Refit with {refit_command(checkpoint)}", file=sys.stderr)
         return Calibration()

@@ -12,7 +12,8 @@ from PIL import Image
 from lesionkit import LesionkitError
 from lesionkit.data.clinical import ClinicalEncoding
 from lesionkit.data.preprocessing import Preprocessing, eval_array
-from lesionkit.evaluate.record import Calibration
+from lesionkit.evaluate.record import Calibration, load_calibration
+from lesionkit.files import file_hash
 
 METADATA_KEY = "lesionkit"  # the export's metadata entry: classes, preprocessing, the calibration record
 
@@ -84,3 +85,40 @@ class OnnxClassifier:
 
     def head_logits(self, features: np.ndarray, metadata: np.ndarray | None = None) -> None:
         return None  # the export is one graph from image to logits
+
+
+def check_current(classifier: OnnxClassifier, named: Path) -> None:
+    """Refuse an export that what it was written from no longer matches: the checkpoint retrained or replaced, its
+    record (temperature.json) fitted again, or the ensemble manifest written again; onnxruntime would serve the
+    old model without a word. ``named`` is what the user gave: the checkpoint or manifest, checked against
+    itself, or the export, checked against the checkpoint or manifest of its own name beside it. Exports from
+    before the checkpoint's hash was recorded are served as they are."""
+    export = onnx_path_for(named)
+    source = export.with_suffix(".json" if "members" in classifier.meta else ".ckpt") if named == export else named
+    if not source.is_file():  # an export moved away from its source answers on its own
+        return
+    if source.suffix == ".json":
+        try:
+            written = json.loads(source.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LesionkitError(f"{source} is not an ensemble manifest (not JSON: {err})") from None
+        current = (classifier.meta.get(key) == written.get(key) for key in ("members", "class_weights"))
+        changed = None if all(current) else "other members or class weights"
+        record = written.get("calibration")
+    else:
+        recorded = classifier.meta.get("checkpoint_sha256")
+        if not recorded:
+            return
+        digest = file_hash(source, "sha256")
+        changed = None if recorded == digest else "retrained or replaced"
+        record = None if changed else load_calibration(source, digest).to_entry()
+    if changed is None and _entry(record) != _entry(classifier.meta.get("calibration")):
+        changed = "its record fitted again since"
+    if changed:
+        raise LesionkitError(f"{export} was exported from another {source.name} than {source} holds now ({changed}): "
+                             f"export it again with `lesionkit export --checkpoint {source}`")
+
+
+def _entry(record: dict | None) -> dict:
+    """A record entry as an export carries it, to compare with one read from its source."""
+    return Calibration.from_entry(record).to_entry()
