@@ -9,6 +9,7 @@ test of the module.
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +354,14 @@ def test_favouring_melanoma_weighs_p_mel_as_fitted_out_of_fold(folds_run, tmp_pa
     assert main(["predict", "--backend", "onnx", "--checkpoint", str(out), str(images[0])]) == 1
     assert (f"{out / 'ensemble.onnx'} was exported from another ensemble.json than {out / 'ensemble.json'} holds now"
             in capsys.readouterr().err)
+    assert main(["predict", "--checkpoint", str(out / "ensemble.onnx"), str(images[0])]) == 1  # named directly
+    assert "export it again with `lesionkit export --checkpoint" in capsys.readouterr().err
+    beside = tmp_path / "beside"  # the export beside a manifest that is JSON but no manifest
+    beside.mkdir()
+    shutil.copy(out / "ensemble.onnx", beside)
+    (beside / "ensemble.json").write_text("[]")
+    assert main(["predict", "--checkpoint", str(beside / "ensemble.onnx"), str(images[0])]) == 1
+    assert f"{beside / 'ensemble.json'} is not an ensemble manifest (a JSON object)" in capsys.readouterr().err
 
     # A manifest whose members are gone names the command that writes it again, the weight's target included.
     moved = tmp_path / "moved" / "deeper"  # the members' relative paths lead nowhere from here

@@ -102,6 +102,9 @@ def check_current(classifier: OnnxClassifier, named: Path) -> None:
             written = json.loads(source.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise LesionkitError(f"{source} is not an ensemble manifest (not JSON: {err})") from None
+        if not isinstance(written, dict):
+            raise LesionkitError(f"{source} is not an ensemble manifest (a JSON object): write it again with "
+                                 f"`lesionkit ensemble` or `lesionkit train --folds K --resume`")
         current = (classifier.meta.get(key) == written.get(key) for key in ("members", "class_weights"))
         changed = None if all(current) else "other members or class weights"
         record = written.get("calibration")
