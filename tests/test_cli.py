@@ -263,6 +263,28 @@ def test_errors_say_what_to_change(tmp_path, capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["predict", "{tmp}"], ["explain", "{tmp}", "--out", "{tmp}/out"],
+                                  ["evaluate", "--checkpoint", "{tmp}/none.ckpt"], ["serve"]])
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda", 0, "--device cuda: no CUDA GPU is visible to PyTorch on this machine; use --device cpu"),
+    ("cuda:1", 1, "--device cuda:1: PyTorch sees 1 CUDA GPU(s) on this machine, cuda:0 to cuda:0; give one of "
+                  "those, or --device cpu"),
+    ("tpu", 1, "--device tpu: give cpu, cuda or cuda:N"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path, capsys, monkeypatch, argv, device, gpus,
+                                                               message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert main([a.format(tmp=tmp_path) for a in argv] + ["--device", device]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_predict_with_onnx_refuses_a_gpu_it_would_not_use(tmp_path, capsys):
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.onnx"), str(tmp_path), "--device", "cuda"]) == 1
+    assert "--device cuda: onnxruntime runs on the CPU here; leave out --device" in capsys.readouterr().err
+
+
 def test_console_script_help():
     for args in ([], ["train"], ["evaluate"], ["predict"], ["data", "check"], ["download"]):
         result = subprocess.run([sys.executable, "-m", "lesionkit.cli", *args, "--help"], capture_output=True,

@@ -154,3 +154,50 @@ def test_the_status_says_how_the_out_of_distribution_check_went():
     assert "score 0.42; flagged above 1.0" in passed and "Warning" not in passed
     assert "does not look like a dermoscopic image" in flagged and "score 2.1" in flagged
     assert "Looks like" not in unknown and "no out-of-distribution detector" in unknown
+
+
+def test_a_taken_port_is_named_before_the_model_loads(capsys):
+    from lesionkit.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", "nowhere.ckpt", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is in use: pass another --port, e.g. --port {port + 1}" in err
+    assert "GRADIO_SERVER_PORT" not in err and "nowhere.ckpt" not in err  # said before the checkpoint is looked at
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "--port 99999: must be between 1 and 65535 (e.g. 7860)"),
+    (["--port", "0"], "--port 0: must be between 1 and 65535"),
+    (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address or name this machine knows; give an address of "
+                              "this machine, e.g. --host 127.0.0.1"),
+])
+def test_a_bad_address_is_named_with_its_flag(capsys, flags, message):
+    from lesionkit.cli import main
+
+    assert main(["serve", "--checkpoint", "nowhere.ckpt", *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_serve_prints_its_address_only_and_names_a_port_taken_since_the_check(tmp_path, capfd):
+    """Gradio's own lines advise `share=True` in launch(), which a command-line user cannot act on; and when the
+    port goes between the command's check and the launch, Gradio's advice names GRADIO_SERVER_PORT, not --port."""
+    from lesionkit import LesionkitError
+    from lesionkit.serve.demo import serve
+    from lesionkit.serve.torch_classifier import TorchClassifier
+
+    checkpoint = fake_checkpoint(tmp_path / "model.ckpt")
+    classifier, port = TorchClassifier.load(checkpoint), free_port()
+    demo = serve(classifier, str(checkpoint), "127.0.0.1", port, block=False)
+    try:
+        out = capfd.readouterr().out
+        assert f"Serving {checkpoint} on http://127.0.0.1:{port}/ (Ctrl-C stops)" in out
+        assert "share=True" not in out
+        with pytest.raises(LesionkitError, match=f"port {port} on 127.0.0.1 is in use: pass another --port"):
+            serve(classifier, str(checkpoint), "127.0.0.1", port, block=False)
+    finally:
+        demo.close()

@@ -167,13 +167,95 @@ def test_explain_command_writes_pictures_and_lines_and_names_what_is_wrong(tmp_p
 
     assert main(["explain", "--checkpoint", str(checkpoint), str(folder / "good.png"), "--out", str(out),
                  "--class", "mel", "--method", "gradcam++"]) == 0
-    (record,) = map(json.loads, (out / "explanations.jsonl").read_text().splitlines())  # a new run, a new file
+    first, record = map(json.loads, (out / "explanations.jsonl").read_text().splitlines())  # the first run's kept
+    assert first["method"] == "gradcam" and first["image"].endswith("good.png")
     assert (record["class"], record["overlay"]) == ("mel", "good_gradcam++_mel.png")
     assert (out / "good_gradcam++_mel.png").is_file()
 
     assert main(["explain", "--checkpoint", str(checkpoint), str(folder), "--out", str(out),
                  "--class", "melanoma"]) == 1
     assert "--class melanoma" in (err := capsys.readouterr().err) and ", ".join(CLASSES) in err
+
+
+def explain_into(out, *images, checkpoint, extra=()) -> int:
+    return main(["explain", "--checkpoint", str(checkpoint), *map(str, images), "--out", str(out), *extra])
+
+
+def snapshot(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_explaining_into_an_earlier_runs_folder_keeps_its_entries_and_replaces_only_those_explained_again(
+        tmp_path, capsys):
+    checkpoint = fake_checkpoint(tmp_path / "model.ckpt")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = lesion(np.random.default_rng(4)), lesion(np.random.default_rng(5))
+    one.save(tmp_path / "a" / "one.png")
+    two.save(tmp_path / "a" / "two.png")
+    out = tmp_path / "out"
+    assert explain_into(out, tmp_path / "a", checkpoint=checkpoint, extra=["--class", "mel"]) == 0
+    earlier = snapshot(out)
+    lines = (out / "explanations.jsonl").read_text().splitlines()
+    assert set(earlier) == {"explanations.jsonl", "one_gradcam_mel.png", "two_gradcam_mel.png"}
+
+    # A run that explains nothing (an unreadable image) changes nothing, and leaves no empty file.
+    (tmp_path / "fake.jpg").write_bytes(b"not a JPEG")
+    assert explain_into(out, tmp_path / "fake.jpg", checkpoint=checkpoint) == 1
+    assert "fake.jpg" in capsys.readouterr().err and snapshot(out) == earlier
+    assert explain_into(tmp_path / "new", tmp_path / "fake.jpg", checkpoint=checkpoint) == 1
+    assert not (tmp_path / "new").exists()
+
+    # two.png explained again for mel replaces its entry and picture; one.png's stay; another class is added;
+    # another one.png, in another folder, gets a picture of its own instead of overwriting the earlier one's.
+    two.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "a" / "two.png")
+    one.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(tmp_path / "b" / "one.png")
+    assert explain_into(out, tmp_path / "a" / "two.png", tmp_path / "b" / "one.png", checkpoint=checkpoint,
+                        extra=["--class", "mel"]) == 0
+    assert explain_into(out, tmp_path / "a" / "two.png", checkpoint=checkpoint, extra=["--class", "nv"]) == 0
+    now = (out / "explanations.jsonl").read_text().splitlines()
+    assert now[0] == lines[0] and json.loads(lines[0])["image"].endswith("one.png"), "one.png's entry, unchanged"
+    records = [json.loads(line) for line in now[1:]]
+    assert [(r["image"][len(str(tmp_path)):], r["class"], r["overlay"]) for r in records] == [
+        ("/a/two.png", "mel", "two_gradcam_mel.png"), ("/b/one.png", "mel", "one_gradcam_mel-2.png"),
+        ("/a/two.png", "nv", "two_gradcam_nv.png")]
+    assert (out / "one_gradcam_mel.png").read_bytes() == earlier["one_gradcam_mel.png"]
+    assert (out / "two_gradcam_mel.png").read_bytes() != earlier["two_gradcam_mel.png"], "the new map replaced it"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_an_interrupted_explain_run_keeps_the_entries_it_finished_and_the_earlier_ones(tmp_path, monkeypatch):
+    import lesionkit.commands.explain as command
+
+    checkpoint = fake_checkpoint(tmp_path / "model.ckpt")
+    images = [write_image(tmp_path / "images" / f"{name}.jpg", seed=i) for i, name in enumerate("abc")]
+    out = tmp_path / "out"
+    assert explain_into(out, images[0], checkpoint=checkpoint) == 0
+    (earlier,) = (out / "explanations.jsonl").read_text().splitlines()
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return explain(*args, **kwargs)
+
+    monkeypatch.setattr(command, "explain", interrupted)
+    assert explain_into(out, *images[1:], images[0], checkpoint=checkpoint) == 130  # Ctrl-C at the third image
+    lines = (out / "explanations.jsonl").read_text().splitlines()
+    assert lines[0] == earlier and [json.loads(line)["image"] for line in lines[1:]] == list(map(str, images[1:]))
+
+
+def test_explain_out_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    picture = write_image(tmp_path / "x.jpg", seed=0)
+    before = picture.read_bytes()
+    # No checkpoint there: the --out message comes first, so it comes before anything loads.
+    assert explain_into(picture, picture, checkpoint=tmp_path / "nowhere.ckpt") == 1
+    err = capsys.readouterr().err
+    assert f"error: --out {picture} is a file: give a folder" in err and "Traceback" not in err
+    assert picture.read_bytes() == before
+    assert explain_into(picture / "maps", picture, checkpoint=tmp_path / "nowhere.ckpt") == 1
+    assert f"{picture} is a file" in capsys.readouterr().err
 
 
 def test_gallery_shows_the_most_confident_right_and_wrong_call_of_each_class(tmp_path):

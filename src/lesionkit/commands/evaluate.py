@@ -19,6 +19,7 @@ from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.files import file_hash
 from lesionkit.model.shipped import checkpoint_or_default
 from lesionkit.serve.ensemble import run_folder
+from lesionkit.serve.device import add_device_argument, check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, help="data loading processes (default: one per core, at most 8)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device_argument(parser)
 
 
 
@@ -63,7 +64,7 @@ def select_images(args: argparse.Namespace) -> tuple[Images, str]:
             raise LesionkitError("give --images with --labels for an external set, or --data-dir (with "
                                  "--split-file) for HAM10000, not a mix")
         folder = load_labelled_folder(args.images, args.labels)
-        refuse_problems(folder, args.allow_missing)
+        refuse_problems(folder.problems, args.allow_missing, "in the report")
         if folder.unlabelled:
             shown = ", ".join(folder.unlabelled[:10]) + (" ..." if len(folder.unlabelled) > 10 else "")
             print(f"warning: {len(folder.unlabelled)} image(s) under {args.images} have no label in {args.labels} "
@@ -75,25 +76,27 @@ def select_images(args: argparse.Namespace) -> tuple[Images, str]:
     if not args.data_dir:
         raise LesionkitError("no images: pass --data-dir (a HAM10000 folder) or --images with --labels")
     dataset = load_dataset(args.data_dir, args.metadata)
-    refuse_problems(dataset, args.allow_missing)
-    frame, part, trained_on = dataset.usable, "all", None
+    frame, part, trained_on, problems = dataset.usable, "all", None, dataset.problems
     if args.split_file:
         split = read_split(args.split_file, dataset.frame)
         chosen = split.loc[split["split"] == args.split, "image_id"]
         if chosen.empty:
             raise LesionkitError(f"{args.split_file} has no '{args.split}' images: choose another --split")
         frame, part = frame[frame["image_id"].isin(chosen)].reset_index(drop=True), args.split
+        scored = set(chosen)
+        problems = {i: problem for i, problem in problems.items() if i in scored}  # this part's only
         # In the split file's order, as training cached them (lesionkit.train.prepare.prepare_split).
         trained_on = split.merge(dataset.usable[["image_id", "path"]], on="image_id")
+    refuse_problems(problems, args.allow_missing, "in the report")
     metadata = args.metadata or find_metadata(args.data_dir)  # load_dataset found it already
     data = {"data_folder": str(args.data_dir.resolve()), "metadata_md5": file_hash(metadata),
             "split_file": str(args.split_file.resolve()) if args.split_file else None,
             "part": part}
-    return Images(frame, f"{part} images of {args.data_dir}", data, sorted(dataset.problems),
-                  trained_on=trained_on), part
+    return Images(frame, f"{part} images of {args.data_dir}", data, sorted(problems), trained_on=trained_on), part
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
     sensitivity = args.melanoma_sensitivity
     if sensitivity is not None and not 0 < sensitivity <= 1:
         raise LesionkitError(f"--melanoma-sensitivity {sensitivity:g}: must be above 0 and at most 1, e.g. 0.9 to "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lesionkit import LesionkitError
+
 # Beyond this, onnxruntime's logits are not PyTorch's: a broken export, not rounding.
 TOLERANCE = 1e-3
 
@@ -31,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from lesionkit import LesionkitError
     from lesionkit.data.images import load_image
-    from lesionkit.model.shipped import checkpoint_or_default
+    from lesionkit.model import shipped
     from lesionkit.serve.ensemble import load_torch_classifier
     from lesionkit.serve.export import CHECK_BATCH, check_export, export_classifier, network
     from lesionkit.serve.onnx_classifier import OnnxClassifier, onnx_path_for
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     # A wrong path is named before anything is written.
     paths = collect_images(args.check) if args.check else []
     calibration = collect_images(args.calibrate) if args.calibrate else []
-    args.checkpoint = checkpoint_or_default(args.checkpoint)  # an ensemble's folder: its manifest
+    args.checkpoint = shipped.checkpoint_or_default(args.checkpoint)  # an ensemble's folder: its manifest
+    check_out(args.out, args.checkpoint, shipped.CHECKPOINT)
     classifier = load_torch_classifier(args.checkpoint, "cpu")
     out = export_classifier(classifier, args.checkpoint, args.out or onnx_path_for(args.checkpoint), args.tta)
     served = OnnxClassifier(out)
@@ -71,6 +73,25 @@ def run(args: argparse.Namespace) -> int:
     if args.quantize:
         quantize(args.quantize, out, calibration, served)
     return 0
+
+
+def check_out(out: Path | None, checkpoint: Path, shipped: Path) -> None:
+    """Refuse, before anything is loaded, an ``--out`` that cannot be the file written, and an export of the
+    shipped model over its own export (float16, made and measured as docs/shipped-model.md says)."""
+    if out is None:
+        if checkpoint.resolve() == shipped.resolve():
+            raise LesionkitError(f"{checkpoint} is the model shipped with lesionkit, and its export "
+                                 f"{shipped.with_suffix('.onnx')} is already there: pass --out FILE.onnx to write "
+                                 f"another export of it")
+        return
+    if out.is_dir():
+        from lesionkit.serve.onnx_classifier import onnx_path_for  # numpy: not for every CLI start
+
+        raise LesionkitError(f"--out {out} is a folder: give the file to write, e.g. --out "
+                             f"{out / onnx_path_for(checkpoint).name}")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise LesionkitError(f"--out {out} cannot be written: {above} is a file, not a folder")
 
 
 def quantize(kind: str, out: Path, calibration: list[Path], served) -> None:

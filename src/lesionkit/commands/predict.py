@@ -15,6 +15,7 @@ from lesionkit.serve.clinical_flags import add_clinical_arguments, metadata_sour
 from lesionkit.evaluate.record import refit_command
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
 from lesionkit.serve.answer import check_coverage, missing_parts
+from lesionkit.serve.device import add_device_argument, check_device
 from lesionkit.serve.ensemble import load_torch_classifier
 from lesionkit.serve.onnx_classifier import OnnxClassifier, check_current, onnx_path_for
 from lesionkit.serve.predict import Output, collect_images, predict_paths
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(parser)
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device_argument(parser)
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average 8 flips and 90-degree rotations (8x slower; with "
                              "--backend onnx, the file of `lesionkit export --tta`); the prediction set, the "
@@ -40,11 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: onnx for --checkpoint X.onnx, else torch)")
 
 
-def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: bool):
-    """The classifier ``--backend`` names (by default, the one the checkpoint's suffix suggests): for an ensemble
-    manifest ``RUN/ensemble.json``, its members under PyTorch, or under onnxruntime the one graph that `lesionkit
-    export` wrote of them all (``RUN/ensemble.onnx``)."""
-    if (backend or ("onnx" if checkpoint.suffix == ".onnx" else "torch")) == "torch":
+def backend_for(checkpoint: Path, backend: str | None) -> str:
+    """``--backend``, or by default the one the checkpoint's suffix suggests."""
+    return backend or ("onnx" if checkpoint.suffix == ".onnx" else "torch")
+
+
+def load_classifier(checkpoint: Path, backend: str, device: str, tta: bool):
+    """The classifier of ``backend``: for an ensemble manifest ``RUN/ensemble.json``, its members under PyTorch, or
+    under onnxruntime the one graph that `lesionkit export` wrote of them all (``RUN/ensemble.onnx``)."""
+    if backend == "torch":
         return load_torch_classifier(checkpoint, device)  # torch and timm are imported only then
     classifier = OnnxClassifier(onnx_path_for(checkpoint))
     check_current(classifier, checkpoint)
@@ -58,7 +63,13 @@ def load_classifier(checkpoint: Path, backend: str | None, device: str, tta: boo
 
 def run(args: argparse.Namespace) -> int:
     args.checkpoint = checkpoint_or_default(args.checkpoint, onnx=args.backend == "onnx")
-    classifier = load_classifier(args.checkpoint, args.backend, args.device, args.tta)
+    backend = backend_for(args.checkpoint, args.backend)
+    if backend == "torch":
+        check_device(args.device)
+    elif args.device != "cpu":  # the session is made for the CPU only (OnnxClassifier)
+        raise LesionkitError(f"--device {args.device}: onnxruntime runs on the CPU here; leave out --device, or "
+                             f"predict with PyTorch (--backend torch and the .ckpt)")
+    classifier = load_classifier(args.checkpoint, backend, args.device, args.tta)
     if args.coverage is not None:
         check_coverage(classifier, args.coverage, str(args.checkpoint))
     missing = missing_parts(classifier)

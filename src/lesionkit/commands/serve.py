@@ -7,6 +7,7 @@ import argparse
 import os
 
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
+from lesionkit.serve.device import add_device_argument, check_device
 
 
 
@@ -16,16 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
                              "network)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    args.checkpoint = checkpoint_or_default(args.checkpoint)
+    check_device(args.device)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a research tool
-    from lesionkit.serve.demo import serve
+    from lesionkit.serve.demo import check_address, serve
     from lesionkit.serve.ensemble import load_torch_classifier
 
+    check_address(args.host, args.port)
+    args.checkpoint = checkpoint_or_default(args.checkpoint)
     classifier = load_torch_classifier(args.checkpoint, args.device)
-    print(f"Serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     serve(classifier, str(args.checkpoint), args.host, args.port)
     return 0

@@ -141,13 +141,14 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(CLASSES, fill_value=0)
 
 
-def refuse_problems(dataset: Dataset, allow_missing: bool) -> None:
-    """Stop when images are missing or unreadable, unless the user allowed skipping them."""
-    if not dataset.problems or allow_missing:
+def refuse_problems(problems: dict[str, str], allow_missing: bool, listed: str = "in the run folder") -> None:
+    """Stop when images are missing or unreadable (``problems``: image id to what is wrong), unless the user
+    allowed skipping them; ``listed`` says where the skipped ones are named."""
+    if not problems or allow_missing:
         return
-    ids = sorted(dataset.problems)
-    shown = "\n".join(f"  {i}: {dataset.problems[i]}" for i in ids[:20])
+    ids = sorted(problems)
+    shown = "\n".join(f"  {i}: {problems[i]}" for i in ids[:20])
     more = f"\n  ... and {len(ids) - 20} more" if len(ids) > 20 else ""
     raise LesionkitError(
         f"{len(ids)} listed image(s) are missing or unreadable:\n{shown}{more}\n"
-        f"Fix the data folder, or pass --allow-missing to skip them (they are listed in the run folder).")
+        f"Fix the data folder, or pass --allow-missing to skip them (they are listed {listed}).")

@@ -9,6 +9,8 @@ gets a message on the page, never a traceback, and the server goes on serving.
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 
 import gradio as gr
@@ -126,10 +128,53 @@ def clinical_inputs(encoding) -> list:
     return inputs
 
 
+HOSTS = "give an address of this machine, e.g. --host 127.0.0.1 (this machine only) or 0.0.0.0 (the network)"
+
+
+def in_use(host: str, port: int) -> LesionkitError:
+    other = port + 1 if port < 65535 else 7860
+    return LesionkitError(f"port {port} on {host} is in use: pass another --port, e.g. --port {other}")
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the demo cannot listen on, naming the flag to change: called before the model loads, where
+    Gradio would fail after it, with advice for Python callers of launch()."""
+    if not 1 <= port <= 65535:
+        raise LesionkitError(f"--port {port}: must be between 1 and 65535 (e.g. 7860)")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's: a port just closed is free
+            probe.bind(address)
+    except socket.gaierror:
+        raise LesionkitError(f"--host {host}: not an address or name this machine knows; {HOSTS}") from None
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise in_use(host, port) from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise LesionkitError(f"--host {host}: not an address of this machine; {HOSTS}") from None
+        if err.errno == errno.EACCES:
+            raise LesionkitError(f"--port {port}: this user may not listen on it (ports below 1024 need "
+                                 f"administrator rights); pass e.g. --port 7860") from None
+        raise
+
+
 def serve(classifier, source: str, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
-    """Start the demo on ``host:port`` (loopback unless told otherwise); with ``block=False`` return at once."""
+    """Start the demo on ``host:port`` (loopback unless told otherwise) and print its address; with ``block=False``
+    return at once."""
     demo = build_demo(classifier, source)
     demo.queue(default_concurrency_limit=1)  # one image at a time: the CPU is shared anyway
-    demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", prevent_thread_lock=not block,
-                show_error=False, share=False, ssr_mode=False)
+    try:
+        # quiet: Gradio's lines advise setting share=True in launch(), which a command-line user cannot; the
+        # address is printed below instead.
+        demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", prevent_thread_lock=True,
+                    quiet=True, show_error=False, share=False, ssr_mode=False)
+    except OSError as err:
+        if "empty port" not in str(err):  # Gradio's words for a port taken since check_address
+            raise
+        raise in_use(host, port) from None
+    print(f"Serving {source} on {demo.local_url} (Ctrl-C stops)", flush=True)
+    if block:
+        demo.block_thread()
     return demo

@@ -19,7 +19,7 @@ from lesionkit.files import atomic_write_csv
 def check_data(config: Config) -> Dataset:
     """The data folder read and every image decoded; missing or unreadable ones refused unless allowed."""
     dataset = load_dataset(config.data.data_dir, config.data.metadata)
-    refuse_problems(dataset, config.data.allow_missing)
+    refuse_problems(dataset.problems, config.data.allow_missing)
     return dataset
 
 
