@@ -244,8 +244,14 @@ CASES = {
     "checkpoint missing": (lambda w: predict(w, "ham", "nowhere.ckpt"), 1,
                            [r"checkpoint {w}/nowhere\.ckpt does not exist: check --checkpoint"]),
     "checkpoint garbage": (lambda w: put(w / "g.ckpt", b"garbage") or predict(w, "ham", "g.ckpt"), 1,
-                           [r"cannot load checkpoint {w}/g\.ckpt safely",
-                            r"Refused; use a checkpoint written by `lesionkit train`"]),
+                           [r"cannot load checkpoint {w}/g\.ckpt: it is not a file torch\.save writes \(a zip "
+                            r"archive or a pickle\); use a checkpoint written by `lesionkit train`"]),
+    "checkpoint that is an image": (lambda w: predict(w, "ham", "ham/HAM10000_images_part_2/ISIC_0000000.jpg"), 1,
+                                    [r"cannot load checkpoint {w}/ham/.*ISIC_0000000\.jpg: it is not a file "
+                                     r"torch\.save writes"]),
+    "weights file that is an image": (lambda w: train(w, "--weights", str(first_image(w))), 1,
+                                      [r"model\.weights: {w}/ham/.*ISIC_0000000\.jpg is not a weights file \(a "
+                                       r"\.safetensors file, or a \.pth or \.bin that torch\.save wrote\)"]),
     "checkpoint with a pickled payload": (lambda w: malicious_checkpoint(w / "evil.ckpt", w / "PWNED") and
                                           predict(w, "ham", "evil.ckpt"), 1,
                                           [r"cannot load checkpoint {w}/evil\.ckpt safely", r"could run arbitrary code",
@@ -343,6 +349,23 @@ CASES = {
     # run and data folders
     "out holds another run": (lambda w: train(w, out="run"), 1,
                               [r"{w}/run already holds a run: pass --resume to continue it, or choose another --out"]),
+    "out holds files of its own": (lambda w: (w / "mine").mkdir() or put(w / "mine" / "report.md", "notes")
+                                   or train(w, out="mine"), 1,
+                                   [r"--out {w}/mine already holds other files \(report\.md\): choose a new or empty "
+                                    r"folder"]),
+    "cross-validation into a folder with files of its own": (lambda w: (w / "mine").mkdir() or put(
+        w / "mine" / "cv.json", "{}") or train(w, "--folds", "2", out="mine"), 1,
+        [r"--out {w}/mine already holds other files \(cv\.json\)"]),
+    "one fold": (lambda w: train(w, "--folds", "1"), 1,
+                 [r"--folds 1: cross-validation needs at least 2 folds \(5 is usual\)"]),
+    "resume that changes the recipe": (lambda w: ["train", "--out", str(w / "run"), "--resume", "--set",
+                                                  "train.seed=3", "--set", "data.batch_size=4"], 1,
+        [r"--resume continues {w}/run with the settings it started with \({w}/run/config\.yaml\), and the command "
+         r"line changes data\.batch_size, train\.seed: drop those, or train anew with another --out \(only "
+         r"train\.accelerator, .* may change on resuming\)"]),
+    "hardware this machine cannot run": (lambda w: train(w, "--strategy", "bogus"), 1,
+        [r"train\.accelerator=cpu, train\.devices=auto, train\.strategy=bogus, train\.precision=auto: .*bogus.* "
+         r"\(use --accelerator cpu, or auto to take a GPU where there is one\)"]),
     "out is a file": (lambda w: put(w / "file", "mine") or train(w, out="file"), 1,
                       [r"--out {w}/file is a file, not a folder: choose another --out"]),
     "data folder missing": (lambda w: train(w, "--data-dir", str(w / "nowhere")), 1,
@@ -430,6 +453,40 @@ def test_weights_that_cannot_load_leave_the_run_folder_free_for_the_next_try(wor
     assert main(train(w, "--weights", str(w / "wrong.pth"))) == 1
     assert "wrong.pth" in capsys.readouterr().err
     assert main(train(w)) == 0, capsys.readouterr().err  # the same --out: not "already holds a run"
+
+
+def test_settings_this_machine_cannot_run_leave_the_run_folder_free_for_the_next_try(world, tmp_path, capsys):
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    assert main(train(w, "--strategy", "bogus")) == 1
+    assert "train.strategy=bogus" in capsys.readouterr().err
+    assert main(train(w)) == 0, capsys.readouterr().err
+
+
+def test_resume_takes_the_hardware_given_and_the_same_command_again(world, tmp_path, capsys):
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    assert main(train(w, "--set", "train.phases.0.epochs=2")) == 0
+    assert main(train(w, "--set", "train.phases.0.epochs=2", "--resume", "--accelerator", "cpu", "--set",
+                      "data.num_workers=1")) == 0, capsys.readouterr().err
+    assert "--resume continues" not in capsys.readouterr().err
+
+
+def test_evaluate_minds_the_missing_images_of_the_part_it_scores_only(world, tmp_path, capsys):
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    split = pd.read_csv(split_file(w, lambda frame: frame))
+    missing = first_image(w)
+    missing.unlink()
+    part = split.loc[split["image_id"] == missing.stem, "split"].item()
+    other = "train" if part == "val" else "val"
+
+    def evaluate(name: str) -> int:
+        return main(["evaluate", "--checkpoint", str(w / "model.ckpt"), "--data-dir", str(w / "ham"), "--split-file",
+                     str(w / "split.csv"), "--split", name, "--out", str(w / name), "--bootstrap", "0"])
+    assert evaluate(other) == 0, capsys.readouterr().err
+    assert evaluate(part) == 1
+    assert (f"1 listed image(s) are missing or unreadable:\n  {missing.stem}: " in capsys.readouterr().err)
 
 
 def test_a_cache_without_room_leaves_the_run_folder_free_for_the_next_try(world, tmp_path, capsys, monkeypatch):

@@ -292,6 +292,12 @@ class Config:
         return asdict(self)
 
 
+def differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys (``train.phases.1.epochs``) whose values differ between ``a`` and ``b``."""
+    left, right = dict(_settings(a.to_dict())), dict(_settings(b.to_dict()))
+    return [key for key in {**left, **right} if key not in left or key not in right or left[key] != right[key]]
+
+
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise LesionkitError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")

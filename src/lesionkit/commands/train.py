@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="override any setting, e.g. --set train.phases.1.epochs=3 --set data.batch_size=64")
 
 
+# What may change when a run resumes: where it runs and where its images lie, not what it trains.
+WHERE = ("train.accelerator", "train.devices", "train.num_nodes", "train.strategy", "train.precision",
+         "data.num_workers", "data.data_dir", "data.cache_dir")
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     """The settings the command line gives: the flags' (their ``dest`` is the key), then ``--set``'s."""
     given = [f"{key}={value}" for key, value in vars(args).items() if "." in key and value is not None]
@@ -54,13 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from lesionkit.config import load_config
     from lesionkit.train.loop import train
 
-    if args.resume:
-        config_path, changes = args.out / "config.yaml", []
-        if not config_path.is_file():
-            raise LesionkitError(f"--resume: {config_path} does not exist; nothing to resume in {args.out}")
-    else:
-        config_path, changes = args.config, overrides(args)
-    config = load_config(config_path, changes)
+    config = resumed_config(args) if args.resume else load_config(args.config, overrides(args))
     if config.data.data_dir is None:
         raise LesionkitError("no data folder: pass --data-dir (or set data.data_dir in the config)")
     if args.folds is not None:
@@ -75,6 +74,26 @@ def run(args: argparse.Namespace) -> int:
     if report:
         print(f"\nValidation (best checkpoint): {report.headline()}\nRun folder: {args.out}")
     return 0
+
+
+def resumed_config(args: argparse.Namespace):
+    """The settings the run in ``--out`` started with, on the hardware and data folder the command line gives now
+    (``WHERE``). Any other setting given, the --config file's included, must be the run's own: the same command
+    again with --resume continues it, and a run does not change its recipe halfway."""
+    from lesionkit.config import differences, load_config
+
+    saved, given = args.out / "config.yaml", overrides(args)
+    if not saved.is_file():
+        raise LesionkitError(f"--resume: {saved} does not exist; nothing to resume in {args.out}")
+    config = load_config(saved, [item for item in given if item.partition("=")[0] in WHERE])
+    if args.config or given:
+        changed = [key for key in differences(config, load_config(args.config or saved, given)) if key not in WHERE]
+        if changed:
+            named = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise LesionkitError(f"--resume continues {args.out} with the settings it started with ({saved}), and "
+                                 f"the command line changes {named}: drop those, or train anew "
+                                 f"with another --out (only {', '.join(WHERE)} may change on resuming)")
+    return config
 
 
 def cross_validate(config, args: argparse.Namespace) -> int:

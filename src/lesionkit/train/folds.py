@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lesionkit import CLASSES, LesionkitError
-from lesionkit.config import Config, load_config, save_config
+from lesionkit.config import Config, differences, load_config, save_config
 from lesionkit.data.metadata import limit_per_class
 from lesionkit.data.split import check_folds, make_folds, read_split, save_split
 from lesionkit.evaluate.crossval import CV_NAME, OOF_NAME, cv_estimate, fold_folder, oof_arrays, out_of_fold
@@ -41,7 +41,7 @@ from lesionkit.files import atomic_write_csv, atomic_write_text
 from lesionkit.serve.ensemble import MANIFEST_NAME, EnsembleClassifier, read_manifest, write_manifest
 from lesionkit.train.loop import train
 from lesionkit.train.prepare import check_data
-from lesionkit.train.runfolder import FOLDS_NAME, run_lock
+from lesionkit.train.runfolder import FOLDS_NAME, LOCK_NAME, check_free, run_lock
 
 KIND = "lesionkit-cross-validation"
 
@@ -51,10 +51,10 @@ def train_folds(config: Config, out: Path, folds: int, resume: bool = False) -> 
     predictions, the estimate, the ensemble manifest and, where asked, the ensemble's test report. Returns the
     estimate (``cv.json``'s content)."""
     with run_lock(out) if rank_zero_only.rank == 0 else contextlib.nullcontext():
-        finished = start(config, out, folds, resume)
         dataset = check_data(config)
         frame = limit_per_class(dataset.usable, config.data.per_class_limit, config.split.seed)
-        splits = make_folds(frame, folds, config.split.test_fraction, config.split.seed)
+        splits = make_folds(frame, folds, config.split.test_fraction, config.split.seed)  # before a folder is written
+        finished = start(config, out, folds, resume)
         paces = []  # seconds of each fold trained from its start by this call
         for n, split in enumerate(splits, 1):
             fold = fold_folder(out, n)
@@ -115,6 +115,7 @@ def start(config: Config, out: Path, folds: int, resume: bool) -> list[int]:
             raise LesionkitError(f"--resume: {out} holds no cross-validation ({FOLDS_NAME}); nothing to resume")
         if any((out / name).exists() for name in ("config.yaml", "metrics.csv", "checkpoints")):
             raise LesionkitError(f"{out} already holds a single run, not a cross-validation: choose another --out")
+        check_free(out, (LOCK_NAME,))
         record(out, folds, [])
     held = json.loads(path.read_text())
     if held["folds"] != folds:
@@ -122,7 +123,7 @@ def start(config: Config, out: Path, folds: int, resume: bool) -> list[int]:
                              f"--folds {held['folds']} to continue it, or choose another --out")
     saved = out / "config.yaml"
     if saved.is_file():
-        differ = differences(load_config(saved).to_dict(), config.to_dict())
+        differ = differences(load_config(saved), config)
         if differ:
             raise LesionkitError(f"{out} holds a cross-validation with other settings ({', '.join(differ[:8])} "
                                  f"differ from {saved}): continue it with `lesionkit train --folds {folds} --out "
@@ -130,18 +131,6 @@ def start(config: Config, out: Path, folds: int, resume: bool) -> list[int]:
     elif rank_zero_only.rank == 0:
         save_config(config, saved)
     return list(held["finished"])
-
-
-def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested settings dicts."""
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        left, right = a.get(key), b.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            keys += differences(left, right, f"{prefix}{key}.")
-        elif left != right:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def record(out: Path, folds: int, finished: list[int]) -> None:

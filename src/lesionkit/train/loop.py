@@ -62,6 +62,7 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     if resume_from is not None:
         check_compatible(resume_from, last, config.model.name, list(CLASSES))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
+    check_hardware(config.train)
     # Bad data, then pretrained weights that cannot be fetched (the local checks before the network), then an
     # image cache without room: each stops the run before it writes its config, so the folder stays free for the
     # next attempt. A resumed run takes every weight from its checkpoint.
@@ -109,6 +110,26 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     return report_parts(out, parts, skipped, EvalSettings(batch_size=batch, workers=workers,
                                                           device="cuda" if torch.cuda.is_available() else "cpu"),
                         cache)
+
+
+def check_hardware(cfg: TrainConfig) -> None:
+    """Let Lightning refuse what this machine cannot run (a GPU where there is none, more devices than it has,
+    an unknown strategy) before the run writes anything, so that its folder stays free for the next attempt."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # each phase's trainer says the same
+    level = notices.level
+    notices.setLevel(logging.WARNING)
+    try:
+        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                  precision=resolve_precision(cfg), logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        raise LesionkitError(f"train.accelerator={cfg.accelerator}, train.devices={cfg.devices}, train.strategy="
+                             f"{cfg.strategy}, train.precision={cfg.precision}: {str(err).splitlines()[0]} (use "
+                             f"--accelerator cpu, or auto to take a GPU where there is one)") from None
+    finally:
+        notices.setLevel(level)
 
 
 def mixing(config: Config) -> Mixing | None:

@@ -52,8 +52,18 @@ def prepare_out_dir(out: Path, resume: bool, rank: int = 0) -> bool:
         return False
     if any((out / name).exists() for name in ("config.yaml", "metrics.csv", "checkpoints")):
         raise LesionkitError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    check_free(out, (LOCK_NAME, "split.csv", "skipped.csv"))  # what an attempt stopped before its config leaves
     out.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def check_free(out: Path, leftovers: tuple[str, ...]) -> None:
+    """Refuse an ``--out`` holding files other than ``leftovers``: the run would write its own beside them, and
+    over any of the same name."""
+    others = sorted(p.name for p in out.iterdir() if p.name not in leftovers) if out.is_dir() else []
+    if others:
+        named = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise LesionkitError(f"--out {out} already holds other files ({named}): choose a new or empty folder")
 
 
 @contextlib.contextmanager
