@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import FULLRES, REPO, assert_no_lesion_leak, make_ham_folder, write_image
+from helpers import FULLRES, REPO, assert_no_lesion_leak, fake_checkpoint, make_ham_folder, write_image
 from lesionkit import CLASSES
 from lesionkit.cli import main
 from lesionkit.train.loop import quiet_lightning
@@ -283,6 +283,29 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path, capsys,
 def test_predict_with_onnx_refuses_a_gpu_it_would_not_use(tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(tmp_path / "m.onnx"), str(tmp_path), "--device", "cuda"]) == 1
     assert "--device cuda: onnxruntime runs on the CPU here; leave out --device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "{tmp}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["evaluate", "--checkpoint", "{tmp}/m.ckpt", "--data-dir", "{tmp}", "--batch-size", "-1"],
+     "--batch-size -1: must be at least 1"),
+    (["evaluate", "--checkpoint", "{tmp}/m.ckpt", "--data-dir", "{tmp}", "--workers", "-2"],
+     "--workers -2: must be at least 0"),
+])
+def test_counts_below_their_least_are_refused(tmp_path, capsys, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_folder_answers_with_its_best_checkpoint(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    best = fake_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    image = write_image(tmp_path / "x.jpg", 0)
+    answers = []
+    for checkpoint in (tmp_path / "run", best):
+        assert main(["predict", "--checkpoint", str(checkpoint), "--format", "json", str(image)]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0] == answers[1]
 
 
 def test_console_script_help():

@@ -97,6 +97,10 @@ def select_images(args: argparse.Namespace) -> tuple[Images, str]:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                               ("--bootstrap", args.bootstrap, 0)):
+        if value is not None and value < least:
+            raise LesionkitError(f"{flag} {value}: must be at least {least}")
     sensitivity = args.melanoma_sensitivity
     if sensitivity is not None and not 0 < sensitivity <= 1:
         raise LesionkitError(f"--melanoma-sensitivity {sensitivity:g}: must be above 0 and at most 1, e.g. 0.9 to "

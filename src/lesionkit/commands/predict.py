@@ -62,6 +62,8 @@ def load_classifier(checkpoint: Path, backend: str, device: str, tta: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise LesionkitError(f"--batch-size {args.batch_size}: must be at least 1 (default 16)")
     args.checkpoint = checkpoint_or_default(args.checkpoint, onnx=args.backend == "onnx")
     backend = backend_for(args.checkpoint, args.backend)
     if backend == "torch":

@@ -22,26 +22,34 @@ CHECKPOINT = MODELS / "lesionkit-lite1.ckpt"
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a checkpoint written by `lesionkit train`, or a `train --folds` run's RUN/ensemble.json "
-                             "(or RUN) where the command takes an ensemble (default: the model shipped with "
-                             "lesionkit, models/lesionkit-lite1.ckpt, or $LESIONKIT_MODEL)")
+                        help="a checkpoint written by `lesionkit train` (or its RUN folder, for its best.ckpt), or "
+                             "a `train --folds` run's RUN/ensemble.json (or RUN) where the command takes an ensemble "
+                             "(default: the model shipped with lesionkit, models/lesionkit-lite1.ckpt, or "
+                             "$LESIONKIT_MODEL)")
 
 
 def checkpoint_or_default(checkpoint: Path | None, onnx: bool = False) -> Path:
-    """``checkpoint`` (for an ensemble's run folder, its manifest ``RUN/ensemble.json``), or the default model (its
-    ONNX export beside it with ``onnx``), announced on standard error so that every output names the file that
-    answered."""
+    """``checkpoint`` (for a run's folder, its ``RUN/checkpoints/best.ckpt``, or for an ensemble's, its manifest
+    ``RUN/ensemble.json``), or the default model (its ONNX export beside it with ``onnx``), announced on standard
+    error so that every output names the file that answered."""
     if checkpoint is not None:
-        from lesionkit.serve.ensemble import manifest_for  # no torch: predict --backend onnx stays without it
+        from lesionkit.serve.ensemble import MANIFEST_NAME, manifest_for  # no torch: predict --backend onnx
 
+        best = checkpoint / "checkpoints" / "best.ckpt"
+        if checkpoint.is_dir() and not (checkpoint / MANIFEST_NAME).is_file() and best.is_file():
+            return best
         return manifest_for(checkpoint) or checkpoint
-    chosen = Path(os.environ["LESIONKIT_MODEL"]) if os.environ.get("LESIONKIT_MODEL") else CHECKPOINT
+    variable = os.environ.get("LESIONKIT_MODEL")
+    chosen = Path(variable) if variable else CHECKPOINT
     if onnx:
         chosen = chosen.with_suffix(".onnx")
     if not chosen.is_file():
-        where = "$LESIONKIT_MODEL" if os.environ.get("LESIONKIT_MODEL") else "the shipped model"
-        raise LesionkitError(f"no --checkpoint given and {where}, {chosen}, is not there (an installed wheel "
-                             f"does not carry models/: install from a clone with `make install`); give "
+        if variable:
+            raise LesionkitError(f"no --checkpoint given and $LESIONKIT_MODEL, {chosen}, is not there: point "
+                                 f"LESIONKIT_MODEL at a checkpoint (RUN/checkpoints/best.ckpt"
+                                 f"{', exported with `lesionkit export`' if onnx else ''}), or give --checkpoint")
+        raise LesionkitError(f"no --checkpoint given and the shipped model, {chosen}, is not there (an installed "
+                             f"wheel does not carry models/: install from a clone with `make install`); give "
                              f"--checkpoint RUN/checkpoints/best.ckpt")
-    print(f"model: {chosen} (no --checkpoint given)", file=sys.stderr)
+    print(f"model: {chosen} (no --checkpoint given{', from $LESIONKIT_MODEL' if variable else ''})", file=sys.stderr)
     return chosen
