@@ -308,6 +308,14 @@ def test_a_run_folder_answers_with_its_best_checkpoint(tmp_path, capsys):
     assert answers[0] == answers[1]
 
 
+def test_an_unknown_flag_is_named_with_the_usage_of_its_command(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "x.jpg", "--bogus"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "usage: lesionkit predict" in err
+    assert "lesionkit predict: error: unrecognized arguments: --bogus" in err
+
+
 def test_console_script_help():
     for args in ([], ["train"], ["evaluate"], ["predict"], ["data", "check"], ["download"]):
         result = subprocess.run([sys.executable, "-m", "lesionkit.cli", *args, "--help"], capture_output=True,

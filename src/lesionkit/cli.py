@@ -60,13 +60,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             if getattr(module, "DESCRIPTION", None):
                 sub.description = module.DESCRIPTION
             module.add_arguments(sub)
-            sub.set_defaults(run=module.run)
+            sub.set_defaults(run=module.run, command_parser=sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    args, unknown = build_parser(argv).parse_known_args(argv)
+    if unknown:  # said with the usage of the command they were given to, not the top level's
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     hold_freed_memory()  # CPU tensors reuse freed memory instead of page-faulting in fresh memory
     try:
         return args.run(args)
