@@ -365,7 +365,10 @@ CASES = {
          r"train\.accelerator, .* may change on resuming\)"]),
     "hardware this machine cannot run": (lambda w: train(w, "--strategy", "bogus"), 1,
         [r"train\.accelerator=cpu, train\.devices=auto, train\.strategy=bogus, train\.precision=auto: .*bogus.* "
-         r"\(use --accelerator cpu, or auto to take a GPU where there is one\)"]),
+         r"\(change the setting it names; --accelerator auto takes a GPU where there is one, else the CPU\)"]),
+    "devices the CPU accelerator cannot take": (lambda w: train(w, "--devices", "0,1"), 1,
+                                                [r"train\.accelerator=cpu, train\.devices=0,1, .*: `devices` selected "
+                                                 r"with `CPUAccelerator` should be an int > 0"]),
     "out is a file": (lambda w: put(w / "file", "mine") or train(w, out="file"), 1,
                       [r"--out {w}/file is a file, not a folder: choose another --out"]),
     "data folder missing": (lambda w: train(w, "--data-dir", str(w / "nowhere")), 1,
@@ -461,6 +464,20 @@ def test_settings_this_machine_cannot_run_leave_the_run_folder_free_for_the_next
     assert main(train(w, "--strategy", "bogus")) == 1
     assert "train.strategy=bogus" in capsys.readouterr().err
     assert main(train(w)) == 0, capsys.readouterr().err
+
+
+def test_a_cross_validation_refused_for_its_hardware_writes_nothing_and_resumes_on_other_hardware(world, tmp_path,
+                                                                                                  capsys):
+    w = tmp_path / "w"
+    shutil.copytree(world, w)
+    assert main(train(w, "--folds", "2", "--strategy", "bogus")) == 1
+    assert sorted(p.name for p in (w / "out").iterdir()) == [".lock"]
+    assert main(train(w, "--folds", "2")) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(train(w, "--folds", "2", "--resume", "--accelerator", "auto", "--set", "data.num_workers=1")) == 0
+    assert "Fold 2/2: finished" in capsys.readouterr().out
+    assert main(train(w, "--folds", "2", "--resume", "--set", "train.seed=3")) == 1
+    assert "the command line changes train.seed" in capsys.readouterr().err
 
 
 def test_resume_takes_the_hardware_given_and_the_same_command_again(world, tmp_path, capsys):

@@ -292,6 +292,12 @@ class Config:
         return asdict(self)
 
 
+# What may change when a run or a cross-validation resumes: where it runs and where its images lie, not what it
+# trains.
+WHERE = ("train.accelerator", "train.devices", "train.num_nodes", "train.strategy", "train.precision",
+         "data.num_workers", "data.data_dir", "data.cache_dir")
+
+
 def differences(a: Config, b: Config) -> list[str]:
     """The dotted keys (``train.phases.1.epochs``) whose values differ between ``a`` and ``b``."""
     left, right = dict(_settings(a.to_dict())), dict(_settings(b.to_dict()))

@@ -6,8 +6,9 @@ still gets its answer.
 
 Explaining into the folder of an earlier run adds to it: a new entry replaces an earlier one of the same image,
 method and class (and its picture), every other earlier entry and picture stays. The file is rewritten whole,
-never half-written, every few seconds while images are done, so an interrupted run keeps what it finished; a run
-that explains nothing changes nothing.
+never half-written, every two seconds while images are done and when the run ends, Ctrl-C included (a killed
+process loses at most the last two seconds' entries); a run that explains nothing changes nothing. Entries are
+matched on the image path as given.
 """
 
 from __future__ import annotations

@@ -44,11 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="override any setting, e.g. --set train.phases.1.epochs=3 --set data.batch_size=64")
 
 
-# What may change when a run resumes: where it runs and where its images lie, not what it trains.
-WHERE = ("train.accelerator", "train.devices", "train.num_nodes", "train.strategy", "train.precision",
-         "data.num_workers", "data.data_dir", "data.cache_dir")
-
-
 def overrides(args: argparse.Namespace) -> list[str]:
     """The settings the command line gives: the flags' (their ``dest`` is the key), then ``--set``'s."""
     given = [f"{key}={value}" for key, value in vars(args).items() if "." in key and value is not None]
@@ -80,7 +75,7 @@ def resumed_config(args: argparse.Namespace):
     """The settings the run in ``--out`` started with, on the hardware and data folder the command line gives now
     (``WHERE``). Any other setting given, the --config file's included, must be the run's own: the same command
     again with --resume continues it, and a run does not change its recipe halfway."""
-    from lesionkit.config import differences, load_config
+    from lesionkit.config import WHERE, differences, load_config
 
     saved, given = args.out / "config.yaml", overrides(args)
     if not saved.is_file():

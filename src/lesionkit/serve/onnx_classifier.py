@@ -107,7 +107,7 @@ def check_current(classifier: OnnxClassifier, named: Path) -> None:
                                  f"`lesionkit ensemble` or `lesionkit train --folds K --resume`")
         current = (classifier.meta.get(key) == written.get(key) for key in ("members", "class_weights"))
         changed = None if all(current) else "other members or class weights"
-        record = written.get("calibration")
+        record = written.get("calibration") if isinstance(written.get("calibration"), dict) else None
     else:
         recorded = classifier.meta.get("checkpoint_sha256")
         if not recorded:

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lesionkit import CLASSES, LesionkitError
-from lesionkit.config import Config, differences, load_config, save_config
+from lesionkit.config import WHERE, Config, differences, load_config, save_config
 from lesionkit.data.metadata import limit_per_class
 from lesionkit.data.split import check_folds, make_folds, read_split, save_split
 from lesionkit.evaluate.crossval import CV_NAME, OOF_NAME, cv_estimate, fold_folder, oof_arrays, out_of_fold
@@ -39,7 +39,7 @@ from lesionkit.evaluate.decisions import (fit_ensemble_calibration, melanoma_wei
 from lesionkit.evaluate.evaluation import EvalSettings, Images, evaluate_frame
 from lesionkit.files import atomic_write_csv, atomic_write_text
 from lesionkit.serve.ensemble import MANIFEST_NAME, EnsembleClassifier, read_manifest, write_manifest
-from lesionkit.train.loop import train
+from lesionkit.train.loop import check_hardware, train
 from lesionkit.train.prepare import check_data
 from lesionkit.train.runfolder import FOLDS_NAME, LOCK_NAME, check_free, run_lock
 
@@ -53,7 +53,9 @@ def train_folds(config: Config, out: Path, folds: int, resume: bool = False) -> 
     with run_lock(out) if rank_zero_only.rank == 0 else contextlib.nullcontext():
         dataset = check_data(config)
         frame = limit_per_class(dataset.usable, config.data.per_class_limit, config.split.seed)
-        splits = make_folds(frame, folds, config.split.test_fraction, config.split.seed)  # before a folder is written
+        # What can be refused is refused before the cross-validation's folder is written.
+        splits = make_folds(frame, folds, config.split.test_fraction, config.split.seed)
+        check_hardware(config.train)
         finished = start(config, out, folds, resume)
         paces = []  # seconds of each fold trained from its start by this call
         for n, split in enumerate(splits, 1):
@@ -123,7 +125,7 @@ def start(config: Config, out: Path, folds: int, resume: bool) -> list[int]:
                              f"--folds {held['folds']} to continue it, or choose another --out")
     saved = out / "config.yaml"
     if saved.is_file():
-        differ = differences(load_config(saved), config)
+        differ = [key for key in differences(load_config(saved), config) if key not in WHERE]
         if differ:
             raise LesionkitError(f"{out} holds a cross-validation with other settings ({', '.join(differ[:8])} "
                                  f"differ from {saved}): continue it with `lesionkit train --folds {folds} --out "

@@ -124,10 +124,11 @@ def check_hardware(cfg: TrainConfig) -> None:
         L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                   precision=resolve_precision(cfg), logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False)
-    except (MisconfigurationException, ValueError, RuntimeError) as err:
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError, ImportError) as err:
         raise LesionkitError(f"train.accelerator={cfg.accelerator}, train.devices={cfg.devices}, train.strategy="
-                             f"{cfg.strategy}, train.precision={cfg.precision}: {str(err).splitlines()[0]} (use "
-                             f"--accelerator cpu, or auto to take a GPU where there is one)") from None
+                             f"{cfg.strategy}, train.precision={cfg.precision}: {str(err).splitlines()[0]} (change "
+                             f"the setting it names; --accelerator auto takes a GPU where there is one, else the "
+                             f"CPU)") from None
     finally:
         notices.setLevel(level)
 
