@@ -168,7 +168,7 @@ def test_predict_takes_metadata_from_flags_or_a_csv_and_through_onnx(metadata_ru
 
     code, plain, err = predict()
     assert code == 0 and "metadata: none given" in err and all(r["metadata"] is None for r in plain)
-    code, flagged, err = predict("--age", "55", "--sex", "female", "--site", "face")
+    code, flagged, err = predict("--age", "55", "--sex", "Female", "--site", "face")  # echoed as the model reads it
     assert code == 0 and all(r["metadata"] == {"age": "55", "sex": "female", "localization": "face"} for r in flagged)
     assert flagged[0]["probabilities"] != plain[0]["probabilities"], "the metadata reaches the model"
 

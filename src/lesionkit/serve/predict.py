@@ -97,8 +97,9 @@ def predict_paths(classifier: Classifier, paths: list[Path], batch_size: int = 1
 
 
 def used_metadata(values: dict) -> dict:
-    """The values of ``values`` that say something: blank and ``unknown`` are left out."""
-    return {k: v for k, v in values.items() if known(v)}
+    """The values of ``values`` that say something (blank and ``unknown`` are left out), a level as the model reads
+    it: ``--sex Female`` answers with ``female``."""
+    return {k: v.strip().lower() if isinstance(v, str) and k != "age" else v for k, v in values.items() if known(v)}
 
 
 def ahead(pool: ThreadPoolExecutor, function: Callable, items: list, lookahead: int) -> Iterator:
