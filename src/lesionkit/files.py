@@ -75,6 +75,13 @@ def atomic_write_csv(frame: pd.DataFrame, path: Path, what: str = "file", **kwar
     atomic_write(path, lambda tmp: frame.to_csv(tmp, **kwargs), what)
 
 
+def file_above(path: Path) -> Path | None:
+    """The nearest existing folder-to-be above ``path`` when it is a file, so that ``path`` cannot be made; None
+    when nothing stands in the way."""
+    above = next((p for p in Path(path).parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 def file_hash(path: Path, algorithm: str = "md5") -> str:
     """Hex digest of a file, read in 1 MiB chunks (checkpoints are tens of MB)."""
     digest = hashlib.new(algorithm)

@@ -25,7 +25,7 @@ from PIL import Image
 from lesionkit import LesionkitError
 from lesionkit.serve.clinical_flags import add_clinical_arguments, metadata_source
 from lesionkit.data.images import load_image
-from lesionkit.files import atomic_write, atomic_write_text
+from lesionkit.files import atomic_write, atomic_write_text, file_above
 from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_default
 from lesionkit.serve.device import add_device_argument, check_device
 from lesionkit.serve.explain import METHODS, Explanation, explain
@@ -73,8 +73,8 @@ def check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise LesionkitError(f"--out {out} is a file: give a folder for the pictures and {LINES} (a new one, or "
                              f"that of an earlier explain run, whose explanations are kept)")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = file_above(out)
+    if above is not None:
         raise LesionkitError(f"--out {out} cannot be a folder: {above} is a file; give a folder elsewhere")
 
 

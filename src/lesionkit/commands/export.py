@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lesionkit import LesionkitError
+from lesionkit.files import file_above
 
 # Beyond this, onnxruntime's logits are not PyTorch's: a broken export, not rounding.
 TOLERANCE = 1e-3
@@ -89,8 +90,8 @@ def check_out(out: Path | None, checkpoint: Path, shipped: Path) -> None:
 
         raise LesionkitError(f"--out {out} is a folder: give the file to write, e.g. --out "
                              f"{out / onnx_path_for(checkpoint).name}")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = file_above(out)
+    if above is not None:
         raise LesionkitError(f"--out {out} cannot be written: {above} is a file, not a folder")
 
 

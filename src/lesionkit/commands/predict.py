@@ -17,7 +17,7 @@ from lesionkit.model.shipped import add_checkpoint_argument, checkpoint_or_defau
 from lesionkit.serve.answer import check_coverage, missing_parts
 from lesionkit.serve.device import add_device_argument, check_device
 from lesionkit.serve.ensemble import load_torch_classifier
-from lesionkit.serve.onnx_classifier import OnnxClassifier, check_current, onnx_path_for
+from lesionkit.serve.onnx_classifier import OnnxClassifier, load_export
 from lesionkit.serve.predict import Output, collect_images, predict_paths
 
 
@@ -51,8 +51,7 @@ def load_classifier(checkpoint: Path, backend: str, device: str, tta: bool):
     under onnxruntime the one graph that `lesionkit export` wrote of them all (``RUN/ensemble.onnx``)."""
     if backend == "torch":
         return load_torch_classifier(checkpoint, device)  # torch and timm are imported only then
-    classifier = OnnxClassifier(onnx_path_for(checkpoint))
-    check_current(classifier, checkpoint)
+    classifier = load_export(checkpoint)
     height, width = classifier.preprocessing.height, classifier.preprocessing.width
     if tta and height != width and not classifier.meta.get("turned"):
         raise LesionkitError(f"--tta turns images by 90 degrees, from {height}x{width} to {width}x{height}, and "

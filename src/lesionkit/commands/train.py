@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lesionkit import LesionkitError
+from lesionkit import LesionkitError, some
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +84,8 @@ def resumed_config(args: argparse.Namespace):
     if args.config or given:
         changed = [key for key in differences(config, load_config(args.config or saved, given)) if key not in WHERE]
         if changed:
-            named = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
             raise LesionkitError(f"--resume continues {args.out} with the settings it started with ({saved}), and "
-                                 f"the command line changes {named}: drop those, or train anew "
+                                 f"the command line changes {some(changed)}: drop those, or train anew "
                                  f"with another --out (only {', '.join(WHERE)} may change on resuming)")
     return config
 

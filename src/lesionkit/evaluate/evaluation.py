@@ -166,10 +166,8 @@ def load_classifier(checkpoint: Path, device: str, fitting: bool) -> Classifier:
     if fitting:
         raise LesionkitError(f"{checkpoint} is an export: fit the record on the checkpoint it was exported from "
                              f"({checkpoint.with_suffix('.ckpt')}), then export again")
-    from lesionkit.serve.onnx_classifier import OnnxClassifier, check_current
-    classifier = OnnxClassifier(checkpoint)
-    check_current(classifier, checkpoint)
-    return classifier
+    from lesionkit.serve.onnx_classifier import load_export
+    return load_export(checkpoint)
 
 
 class _FromArray:

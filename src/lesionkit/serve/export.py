@@ -133,7 +133,7 @@ def export_classifier(classifier, checkpoint: Path, out: Path, turned: bool = Fa
     ``checkpoint``, or an ensemble of them in one graph) to ``out``, carrying its classes, preprocessing and
     calibration record (temperature too, on its own, for readers from before the record)."""
     ensemble = {key: classifier.meta[key] for key in ("kind", "members", "class_weights") if key in classifier.meta}
-    if not ensemble:  # what `predict --backend onnx` checks the checkpoint beside the export against
+    if not ensemble:  # what the checkpoint beside the export is checked against where it is served
         ensemble["checkpoint_sha256"] = file_hash(checkpoint, "sha256")
     meta = checkpoint_meta(classifier.meta["model_name"], classifier.preprocessing, classifier.classes,
                            temperature=float(classifier.temperature), checkpoint=str(checkpoint),

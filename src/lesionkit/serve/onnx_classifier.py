@@ -87,6 +87,14 @@ class OnnxClassifier:
         return None  # the export is one graph from image to logits
 
 
+def load_export(named: Path) -> OnnxClassifier:
+    """The export that ``--checkpoint named`` stands for (``named`` itself, or the ``.onnx`` beside a checkpoint
+    or manifest), refused when what it was written from has changed since (:func:`check_current`)."""
+    classifier = OnnxClassifier(onnx_path_for(named))
+    check_current(classifier, named)
+    return classifier
+
+
 def check_current(classifier: OnnxClassifier, named: Path) -> None:
     """Refuse an export that what it was written from no longer matches: the checkpoint retrained or replaced, its
     record (temperature.json) fitted again, or the ensemble manifest written again; onnxruntime would serve the

@@ -62,10 +62,10 @@ def _train(config: Config, out: Path, resume: bool) -> dict:
     if resume_from is not None:
         check_compatible(resume_from, last, config.model.name, list(CLASSES))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
+    # Hardware this machine cannot run, bad data, then pretrained weights that cannot be fetched (the local checks
+    # before the network), then an image cache without room: each stops the run before it writes its config, so
+    # the folder stays free for the next attempt. A resumed run takes every weight from its checkpoint.
     check_hardware(config.train)
-    # Bad data, then pretrained weights that cannot be fetched (the local checks before the network), then an
-    # image cache without room: each stops the run before it writes its config, so the folder stays free for the
-    # next attempt. A resumed run takes every weight from its checkpoint.
     dataset = check_data(config)
     model = create_model(replace(config.model, weights="none") if resume_from is not None else config.model,
                          len(CLASSES))

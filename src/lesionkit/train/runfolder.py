@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from lesionkit import LesionkitError, __version__
+from lesionkit import LesionkitError, __version__, some
 from lesionkit.files import atomic_write_text, disk_error, file_hash
 
 LOCK_NAME = ".lock"
@@ -62,8 +62,7 @@ def check_free(out: Path, leftovers: tuple[str, ...]) -> None:
     over any of the same name."""
     others = sorted(p.name for p in out.iterdir() if p.name not in leftovers) if out.is_dir() else []
     if others:
-        named = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise LesionkitError(f"--out {out} already holds other files ({named}): choose a new or empty folder")
+        raise LesionkitError(f"--out {out} already holds other files ({some(others)}): choose a new or empty folder")
 
 
 @contextlib.contextmanager
